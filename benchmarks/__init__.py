@@ -1,0 +1,1 @@
+"""posttrain's benchmark suite: `python -m benchmarks` (see benchmarks/README.md)."""

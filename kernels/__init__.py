@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers, installed as ``posttrain.kernels``. No autograd here: see posttrain.ops."""

@@ -1,0 +1,37 @@
+"""Test set-up shared by the whole suite.
+
+Without CUDA, the Triton kernels run in Triton's interpreter. TRITON_INTERPRET must be set before anything imports
+triton, so this happens at the top of the root conftest, before any test module (or posttrain) is collected.
+"""
+
+import os
+import shutil
+import subprocess
+
+
+def _has_cuda() -> bool:
+    # torch.cuda would import torch (and maybe triton) first; ask the driver instead
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
