@@ -1,3 +1,26 @@
-"""posttrain: TRL-compatible post-training with fused kernels on the hot paths."""
+"""posttrain: TRL-compatible post-training with fused kernels on the hot paths.
+
+    from posttrain import GRPOTrainer, GRPOConfig   # as from trl, same arguments and numbers
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+# Imported on first use: `import posttrain` (e.g. for its ops) does not pay for transformers' Trainer.
+_LAZY = {
+    "SFTConfig": "posttrain.configs.sft",
+    "DPOConfig": "posttrain.configs.dpo",
+    "GRPOConfig": "posttrain.configs.grpo",
+    "SFTTrainer": "posttrain.trainers.sft",
+    "DPOTrainer": "posttrain.trainers.dpo",
+    "GRPOTrainer": "posttrain.trainers.grpo",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'posttrain' has no attribute {name!r}")

@@ -35,3 +35,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Qwen2 causal LM and its byte-level tokenizer saved to a directory (loadable with from_pretrained)."""
+    from posttrain.models import tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    model, tokenizer = tiny_causal_lm(seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

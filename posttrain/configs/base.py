@@ -1,0 +1,46 @@
+"""What every posttrain config shares: TRL's TrainingArguments defaults, plus posttrain's own switch."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class PosttrainConfig(TrainingArguments):
+    """TrainingArguments with the defaults every TRL 1.16 trainer config sets, and `use_fused_kernels`.
+
+    Parameters:
+        logging_steps: 10 (TRL's default, where transformers has 500).
+        gradient_checkpointing: True.
+        bf16: True unless fp16 is set.
+        use_fused_kernels: compute log-probs with posttrain's fused kernels (True) or with the plain PyTorch path
+            through the full logits (False). Both give the same numbers.
+    """
+
+    logging_steps: float = field(
+        default=10,
+        metadata={"help": "Log every X update steps: an integer, or a float in [0, 1) as a fraction of the run."},
+    )
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "Recompute activations in the backward to save memory (about 20 percent slower)."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "Use bf16 mixed precision. Defaults to True unless fp16 is set."},
+    )
+    lr_scheduler_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra arguments for the learning-rate scheduler, e.g. {'num_cycles': 1}."},
+    )
+    use_fused_kernels: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute log-probabilities with posttrain's fused kernels, without [batch, seq, vocab] logits. "
+            "False uses the plain PyTorch path through the full logits (same numbers, more memory)."
+        },
+    )
+
+    def __post_init__(self):
+        self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        super().__post_init__()

@@ -1,0 +1,1 @@
+"""Dataset preparation (tokenization, chat templates, packing) and collators, one module per trainer."""

@@ -1,0 +1,48 @@
+"""Dataset helpers shared by the trainers."""
+
+import torch
+
+CONVERSATIONAL_KEYS = ("prompt", "chosen", "rejected", "completion", "messages")
+
+
+def is_conversational(example: dict) -> bool:
+    """Whether `example` holds chat messages (lists of {"role", "content"} dicts) under one of the known keys.
+
+    Example:
+        >>> is_conversational({"prompt": [{"role": "user", "content": "2+2?"}], "completion": [...]})
+        True
+        >>> is_conversational({"text": "2+2=4"})
+        False
+    """
+    for key in CONVERSATIONAL_KEYS:
+        value = example.get(key)
+        if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
+            return True
+    return False
+
+
+def pad(
+    sequences: list[torch.Tensor],
+    padding_value: int | float,
+    padding_side: str = "right",
+    pad_to_multiple_of: int | None = None,
+) -> torch.Tensor:
+    """Stack 1-D tensors of different lengths into [len(sequences), max_len], padding on `padding_side`.
+
+    Example:
+        >>> pad([torch.tensor([1, 2, 3]), torch.tensor([4])], padding_value=0, padding_side="left")
+        tensor([[1, 2, 3],
+                [0, 0, 4]])
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side {padding_side!r} is not one of: left, right")
+    length = max(len(s) for s in sequences)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    out = sequences[0].new_full((len(sequences), length), padding_value)
+    for row, seq in zip(out, sequences):
+        if padding_side == "right":
+            row[: len(seq)] = seq
+        else:
+            row[length - len(seq) :] = seq
+    return out

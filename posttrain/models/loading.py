@@ -1,0 +1,78 @@
+"""Loading models and tokenizers the way TRL's trainers do, and the optional PEFT wrapping."""
+
+import importlib.util
+
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def create_model(model_id: str, model_init_kwargs: dict | None = None, architecture=AutoModelForCausalLM):
+    """`architecture.from_pretrained(model_id, **model_init_kwargs)`, with TRL's conventions for the kwargs.
+
+    `dtype` may be a torch.dtype or one of "auto", "bfloat16", "float16", "float32" (default "float32", as TRL);
+    `device_map` defaults to None on CPU/MPS and "auto" elsewhere.
+
+    Example:
+        >>> model = create_model("Qwen/Qwen2-0.5B-Instruct", {"dtype": "bfloat16"})
+    """
+    kwargs = dict(model_init_kwargs or {})
+    dtype = kwargs.get("dtype", "float32")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"model_init_kwargs['dtype'] {dtype!r} is not one of: {', '.join(DTYPES)}")
+        kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+    elif dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"model_init_kwargs['dtype'] must be a torch.dtype or a string, got {dtype!r}")
+    if "device_map" not in kwargs:
+        kwargs["device_map"] = None if PartialState().device.type in ("cpu", "mps") else "auto"
+    try:
+        return architecture.from_pretrained(model_id, **kwargs)
+    except OSError as err:
+        raise OSError(f"could not load a model from {model_id!r}: {err}") from err
+
+
+def resolve_model(model, model_init_kwargs: dict | None, field_name: str = "model") -> PreTrainedModel:
+    """A model given as a hub id / local path is loaded; a PreTrainedModel is returned as is (model_init_kwargs must
+    then be empty, as TRL requires)."""
+    if isinstance(model, str):
+        return create_model(model, model_init_kwargs)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{field_name} must be a model id, a local path or a PreTrainedModel, got {type(model).__name__}")
+    if model_init_kwargs:
+        raise ValueError(
+            f"model_init_kwargs is only used when {field_name} is a string (a hub id or a path), but {field_name} is an "
+            f"already-built {type(model).__name__}"
+        )
+    return model
+
+
+def load_processing_class(model: PreTrainedModel | str):
+    """The tokenizer saved with `model` (its name_or_path), with a pad token (the eos token when it has none)."""
+    source = model if isinstance(model, str) else model.config._name_or_path
+    if not source:
+        raise ValueError("processing_class was not given and the model has no name_or_path to load a tokenizer from")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def apply_peft(model: PreTrainedModel, peft_config):
+    """Wrap `model` with the adapter described by `peft_config` (peft must be installed: the `peft` extra)."""
+    if peft_config is None:
+        return model
+    if importlib.util.find_spec("peft") is None:
+        raise ImportError("peft_config was given but peft is not installed: pip install 'posttrain[peft]'")
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability in `model` to 0 (TRL's disable_dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from posttrain.models import add_fused_logprob_head, tiny_causal_lm
+
+
+def _batch(vocab=259, batch=3, length=14):
+    ids = torch.randint(0, vocab, (batch, length))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :4] = 0  # left padding
+    attention_mask[2, -3:] = 0  # right padding
+    labels = ids.masked_fill(attention_mask == 0, -100)
+    labels[0, :5] = -100  # a prompt
+    return ids, attention_mask, labels
+
+
+def _reference(model, ids, attention_mask, labels, temperature):
+    logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1].double() / temperature
+    target = labels[:, 1:]
+    mask = target != -100
+    log_p = logits.log_softmax(-1)
+    logprobs = log_p.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    entropy = -(log_p.exp() * log_p).sum(-1) * mask
+    return logprobs, entropy, logits.mean(-1) * mask, (logits.argmax(-1) == target) & mask
+
+
+@pytest.mark.parametrize("use_fused_kernels", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_patched_forward_matches_full_logits(use_fused_kernels, temperature):
+    model, _ = tiny_causal_lm(seed=1)
+    ids, attention_mask, labels = _batch()
+    expected = _reference(model, ids, attention_mask, labels, temperature)
+    add_fused_logprob_head(model, temperature=temperature, entropy=True, stats=True, use_fused_kernels=use_fused_kernels)
+    out = model(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels)
+    assert out.logprobs.shape == (3, 13) and out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.logprobs.double(), expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.entropy.double(), expected[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.mean_logit.double(), expected[2], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.is_argmax, expected[3])
+    assert torch.equal(out.label_mask, labels[:, 1:] != -100)
+
+
+def test_fused_and_plain_gradients_agree():
+    grads = []
+    ids, attention_mask, labels = _batch()
+    for fused in (True, False):
+        model, _ = tiny_causal_lm(seed=2)
+        add_fused_logprob_head(model, entropy=True, use_fused_kernels=fused)
+        out = model(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels)
+        (out.logprobs.sum() + 0.1 * out.entropy.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unpatched_calls_and_generate_are_unchanged():
+    model, _ = tiny_causal_lm(seed=3)
+    ids, attention_mask, _ = _batch()
+    before = model(input_ids=ids, attention_mask=attention_mask).logits
+    greedy = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
+    add_fused_logprob_head(model)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=attention_mask).logits, before)
+    assert torch.equal(model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False), greedy)
+
+
+def test_all_labels_ignored_stays_differentiable():
+    model, _ = tiny_causal_lm(seed=4)
+    add_fused_logprob_head(model)
+    ids = torch.randint(0, 259, (2, 6))
+    out = model(input_ids=ids, logprob_labels=torch.full_like(ids, -100))
+    assert (out.logprobs == 0).all()
+    out.logprobs.sum().backward()  # no "does not require grad" error
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
+
+
+def test_softcapped_model_falls_back_with_a_warning():
+    model, _ = tiny_causal_lm(seed=5)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.warns(UserWarning, match="final_logit_softcapping=30.0"):
+        add_fused_logprob_head(model)
+    ids, attention_mask, labels = _batch()
+    out = model(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels)
+    assert torch.isfinite(out.logprobs).all()
