@@ -1,60 +1,84 @@
-"""The implementations a benchmark compares, per op. A provider whose package is missing is reported, not fatal."""
+"""The implementations each benchmark compares. A provider names the package it needs and the devices it runs on;
+one whose package is missing (or that cannot run on the device) is dropped with a note, never fatal."""
 
 import importlib.util
+from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
-from posttrain.ops import fused_linear_logprob
+from posttrain.ops import fused_linear_logprob, selective_log_softmax
 
 # TRL's trainers call its fused head with this vocabulary chunk (trl/trainer/utils.py, TRL 1.16)
 TRL_CHUNK_SIZE = 32768
 
 
-def _posttrain(hidden, weight, targets):
-    return fused_linear_logprob(hidden, weight, targets, impl="triton")
+@dataclass(frozen=True)
+class Provider:
+    fn: Callable[[dict], torch.Tensor]
+    package: str | None = None
+    devices: tuple[str, ...] = ("cuda", "cpu")
 
 
-def _torch_reference(hidden, weight, targets):
-    return fused_linear_logprob(hidden, weight, targets, impl="torch")
-
-
-def _trl_fused_head(hidden, weight, targets):
-    from trl.kernels import ChunkedLogProbFunction
-
-    logprobs, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, TRL_CHUNK_SIZE, None, 1.0, ())
-    return logprobs
-
-
-def _liger_flce(hidden, weight, targets):
-    # Liger returns the summed NLL (gradients computed in its forward), not per-token log-probs: same GEMM work
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-    return -liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum")
-
-
-FUSED_LINEAR_LOGPROB = {
-    "posttrain": (_posttrain, None),
-    "torch": (_torch_reference, None),
-    "trl": (_trl_fused_head, "trl"),
-    "liger": (_liger_flce, "liger_kernel"),
-}
-
-
-def available(providers: dict) -> tuple[dict, list[str]]:
-    """Split `providers` into the runnable ones and notes about those whose package is not installed."""
+def available(providers: dict[str, Provider], device: str) -> tuple[dict[str, Provider], list[str]]:
+    """Split `providers` into those that can run on `device` and notes about the others."""
     runnable, notes = {}, []
-    for name, (fn, package) in providers.items():
-        if package is None or importlib.util.find_spec(package) is not None:
-            runnable[name] = fn
+    for name, provider in providers.items():
+        if provider.package is not None and importlib.util.find_spec(provider.package) is None:
+            notes.append(f"{name}: dropped, {provider.package} is not installed")
+        elif device not in provider.devices:
+            notes.append(f"{name}: dropped, does not run on {device}")
         else:
-            notes.append(f"{name}: skipped, {package} is not installed")
+            runnable[name] = provider
     return runnable, notes
 
 
-def fused_linear_logprob_inputs(n, h, v, dtype=torch.bfloat16, device="cuda", seed=0):
-    """hidden [n, h] and weight [v, h] needing grad (logits ~ N(0, 1)), targets [n], a float32 upstream gradient."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    hidden = torch.randn(n, h, device=device, dtype=dtype, generator=gen).requires_grad_()
-    weight = (torch.randn(v, h, device=device, dtype=dtype, generator=gen) / h**0.5).requires_grad_()
-    targets = torch.randint(0, v, (n,), device=device, generator=gen)
-    return hidden, weight, targets
+@torch.compile(dynamic=False)
+def _compiled_full_logits_logprob(hidden, weight, targets):
+    logits = (hidden @ weight.T).float()
+    return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.compile(dynamic=False)
+def _compiled_log_softmax_gather(logits, targets):
+    return logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _trl_fused_head(x):
+    from trl.kernels import ChunkedLogProbFunction
+
+    logprobs, *_ = ChunkedLogProbFunction.apply(
+        x["hidden"], x["weight"], None, x["targets"], 1.0, TRL_CHUNK_SIZE, None, 1.0, ()
+    )
+    return logprobs
+
+
+def _liger_flce(x):
+    # Liger's usual path: the summed NLL, gradients computed during the forward (a scalar output)
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return -liger_fused_linear_cross_entropy(x["hidden"], x["weight"], x["targets"], reduction="sum")
+
+
+def _trl_selective_log_softmax(x):
+    from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
+
+    return trl_selective_log_softmax(x["logits"], x["targets"])
+
+
+FUSED_LINEAR_LOGPROB = {
+    "posttrain": Provider(lambda x: fused_linear_logprob(x["hidden"], x["weight"], x["targets"], impl="triton")),
+    "torch": Provider(lambda x: fused_linear_logprob(x["hidden"], x["weight"], x["targets"], impl="torch")),
+    "torch_compile": Provider(
+        lambda x: _compiled_full_logits_logprob(x["hidden"], x["weight"], x["targets"]), devices=("cuda",)
+    ),
+    "trl": Provider(_trl_fused_head, "trl"),
+    "liger": Provider(_liger_flce, "liger_kernel", devices=("cuda",)),
+}
+
+SELECTIVE_LOG_SOFTMAX = {
+    "posttrain": Provider(lambda x: selective_log_softmax(x["logits"], x["targets"], impl="triton")),
+    "torch": Provider(lambda x: selective_log_softmax(x["logits"], x["targets"], impl="torch")),
+    "torch_compile": Provider(lambda x: _compiled_log_softmax_gather(x["logits"], x["targets"]), devices=("cuda",)),
+    "trl": Provider(_trl_selective_log_softmax, "trl"),
+}
