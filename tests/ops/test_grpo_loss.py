@@ -1,0 +1,357 @@
+"""posttrain.ops.grpo_loss: Triton kernels vs the torch reference vs float64 vs TRL 1.16's GRPOTrainer._compute_loss."""
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import posttrain.kernels.grpo as grpo_kernels
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from posttrain.ops.grpo_loss import GRPOLossMetrics, grpo_loss
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+LEVELS = ("token", "sequence")
+
+
+def _inputs(B, T, spread=0.3, mask_dtype=torch.bool):
+    """Random log-probs with old / ref log-probs `spread` away (ratios both inside and outside the clip range)."""
+    logps = -torch.rand(B, T) * 3 - 0.01
+    old = logps + spread * torch.randn(B, T)
+    ref = logps + spread * torch.randn(B, T)
+    advantages = torch.randn(B)
+    mask = torch.rand(B, T) < 0.8
+    mask[:, 0] = True
+    if B > 2:
+        mask[1] = False  # a fully masked row
+    return logps, old, ref, advantages, mask.to(mask_dtype)
+
+
+def _run(impl, logps, old, advantages, mask, **kw):
+    """(loss, d loss / d logps, metrics) of one implementation, on a fresh leaf of logps' values."""
+    leaf = logps.detach().clone().requires_grad_()
+    loss, metrics = grpo_loss(leaf, old, advantages, mask, impl=impl, return_metrics=True, **kw)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad, metrics
+
+
+def _assert_oracle(out, ref32, ref64, what):
+    """Triton's error vs float64 is at most ~2x the float32 torch reference's (plus a float32 ulp floor)."""
+    torch.testing.assert_close(out.double(), ref32.double(), rtol=1e-5, atol=1e-6, msg=what)
+    err = (out.double() - ref64).abs().max().item()
+    base = (ref32.double() - ref64).abs().max().item()
+    assert err <= 2 * base + 2e-7 * (1 + ref64.abs().max().item()), (what, err, base)
+
+
+def _assert_metrics_equal(got: GRPOLossMetrics, expected: GRPOLossMetrics):
+    for name, a, b in zip(GRPOLossMetrics._fields, got, expected):
+        if b is None:
+            assert a is None, name
+        else:
+            torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _check_all(logps, old, advantages, mask, **kw):
+    loss, grad, metrics = _run("triton", logps, old, advantages, mask, **kw)
+    loss32, grad32, metrics32 = _run("torch", logps, old, advantages, mask, **kw)
+    old64 = old.double() if old is not None else None
+    kw64 = {**kw, "ref_logps": kw["ref_logps"].double()} if kw.get("ref_logps") is not None else kw
+    loss64, grad64, _ = _run("torch", logps.double(), old64, advantages.double(), mask, **kw64)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert grad.dtype == logps.dtype and grad.shape == logps.shape
+    _assert_oracle(loss, loss32, loss64, "loss")
+    _assert_oracle(grad, grad32, grad64, "grad")
+    _assert_metrics_equal(metrics, metrics32)
+    return loss, grad, metrics
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type(loss_type, level):
+    logps, old, ref, advantages, mask = _inputs(6, 13)
+    kw = dict(loss_type=loss_type, importance_sampling_level=level, max_completion_length=16, epsilon_high=0.28)
+    if loss_type == "cispo":
+        kw["epsilon_high"] = 1.1  # ScaleRL's eps_max is a bound on the ratio itself
+    _, grad, _ = _check_all(logps, old, advantages, mask, ref_logps=ref, **kw)
+    assert grad.abs().sum() > 0
+    assert (grad[~mask.bool()] == 0).all()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("bias_correction", [True, False], ids=["bias_corrected", "plain_kl"])
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo", "sapo"])
+def test_kl_penalty(loss_type, bias_correction, level):
+    logps, old, ref, advantages, mask = _inputs(6, 13)
+    kw = dict(loss_type=loss_type, importance_sampling_level=level, use_bias_correction_kl=bias_correction)
+    loss, grad, metrics = _check_all(logps, old, advantages, mask, ref_logps=ref, beta=0.1, **kw)
+    assert metrics.kl is not None and (metrics.kl >= 0).all()
+    loss0, grad0, metrics0 = _run("triton", logps, old, advantages, mask, **kw)
+    assert metrics0.kl is None
+    assert not torch.allclose(loss, loss0) and not torch.allclose(grad, grad0)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo"])
+def test_two_sided_clipping_delta(loss_type, level):
+    logps, old, _, advantages, mask = _inputs(6, 13, spread=1.0)
+    advantages = advantages.abs() * torch.tensor([1.0, -1.0]).repeat(3)  # delta only caps negative advantages
+    kw = dict(loss_type=loss_type, importance_sampling_level=level)
+    loss, _, _ = _check_all(logps, old, advantages, mask, delta=1.5, **kw)
+    loss_no_delta, _, _ = _run("triton", logps, old, advantages, mask, **kw)
+    if level == "token":  # with a spread of 1, some ratios exceed delta where the advantage is negative
+        assert not torch.allclose(loss, loss_no_delta)
+
+
+@pytest.mark.parametrize("T", [1, 13, 37])
+@pytest.mark.parametrize("B", [2, 6, 18])
+def test_shapes(B, T):
+    logps, old, ref, advantages, mask = _inputs(B, T)
+    for level in LEVELS:
+        _check_all(logps, old, advantages, mask, ref_logps=ref, beta=0.05, importance_sampling_level=level)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_token_tiles(monkeypatch, level):
+    # rows longer than one tile: the sequence level's two sweeps and the row sums span several tiles with a tail
+    monkeypatch.setattr(grpo_kernels, "_block_t", lambda T, block_t: 16)
+    logps, old, ref, advantages, mask = _inputs(4, 37)
+    for loss_type in ("grpo", "cispo"):
+        _check_all(logps, old, advantages, mask, ref_logps=ref, beta=0.1, loss_type=loss_type,
+                   importance_sampling_level=level)  # fmt: skip
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_on_policy(level):
+    # old_logps None: ratio 1 everywhere, but still differentiable; grpo's loss is then -mean(advantages)
+    logps, _, _, advantages, mask = _inputs(6, 13)
+    loss, grad, metrics = _check_all(logps, None, advantages, mask, loss_type="grpo", importance_sampling_level=level)
+    scored = mask.any(dim=1)
+    torch.testing.assert_close(loss, -(advantages * scored).mean())
+    expected = -advantages[:, None] * mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / mask.shape[0]
+    torch.testing.assert_close(grad, expected)
+    assert metrics.clip_region.sum() == 0
+
+
+def test_mask_dtypes_and_weights():
+    logps, old, ref, advantages, mask = _inputs(6, 13)
+    kw = dict(ref_logps=ref, beta=0.1, loss_type="bnpo")
+    loss_bool, grad_bool, _ = _run("triton", logps, old, advantages, mask, **kw)
+    for dtype in (torch.long, torch.int32, torch.float32):
+        loss, grad, _ = _run("triton", logps, old, advantages, mask.to(dtype), **kw)
+        torch.testing.assert_close(loss, loss_bool)
+        torch.testing.assert_close(grad, grad_bool)
+    # float masks weight the tokens, as TRL's per_token_loss * mask
+    weights = mask * torch.rand(6, 13)
+    _check_all(logps, old, advantages, weights, **kw)
+
+
+def test_strided_inputs():
+    logps, old, ref, advantages, mask = _inputs(6, 26)
+    leaf = logps.clone().requires_grad_()
+    args = (leaf[:, ::2], old[:, 1::2], advantages, mask[:, ::2])
+    kw = dict(ref_logps=ref.t().contiguous().t()[:, ::2], beta=0.1, importance_sampling_level="sequence")
+    assert not args[0].is_contiguous() and not args[1].is_contiguous()
+    loss = grpo_loss(*args, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    leaf_ref = logps.clone().requires_grad_()
+    loss_ref = grpo_loss(leaf_ref[:, ::2], *args[1:], impl="torch", **kw)
+    (grad_ref,) = torch.autograd.grad(loss_ref, leaf_ref)
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(grad, grad_ref)
+    assert (grad[:, 1::2] == 0).all()
+
+
+def test_extreme_ratios():
+    logps, _, _, advantages, mask = _inputs(6, 13)
+    old = logps + 20 * torch.randn(6, 13)  # ratios from about e^-60 to e^60
+    for loss_type in LOSS_TYPES:
+        kw = dict(loss_type=loss_type, max_completion_length=13, delta=3.0)
+        loss, grad, _ = _run("triton", logps, old, advantages, mask, **kw)
+        loss_ref, grad_ref, _ = _run("torch", logps, old, advantages, mask, **kw)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_half_precision_logps():
+    logps, old, ref, advantages, mask = _inputs(6, 13)
+    logps = logps.half()
+    loss, grad, _ = _run("triton", logps, old, advantages, mask, ref_logps=ref, beta=0.1)
+    loss_ref, grad_ref, _ = _run("torch", logps, old, advantages, mask, ref_logps=ref, beta=0.1)
+    assert grad.dtype == torch.float16
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-5)
+
+
+def test_normalizers():
+    logps, old, _, advantages, mask = _inputs(6, 13)
+    n_tokens = mask.sum()
+    dapo = grpo_loss(logps, old, advantages, mask, loss_type="dapo")
+    for num_items in (37, 37.0, torch.tensor(37)):
+        scaled = grpo_loss(logps, old, advantages, mask, loss_type="dapo", num_items=num_items)
+        torch.testing.assert_close(scaled * 37, dapo * n_tokens)
+    clamped = grpo_loss(logps, old, advantages, mask, loss_type="cispo", num_items=torch.tensor(0.0))
+    torch.testing.assert_close(clamped, grpo_loss(logps, old, advantages, mask, loss_type="cispo") * n_tokens)
+    dr_grpo = grpo_loss(logps, old, advantages, mask, loss_type="dr_grpo", max_completion_length=20)
+    torch.testing.assert_close(dr_grpo * 6 * 20, dapo * n_tokens)
+    bnpo = grpo_loss(logps, old, advantages, mask, loss_type="bnpo")
+    torch.testing.assert_close(bnpo, dapo)
+    luspo = grpo_loss(logps, old, advantages, mask, loss_type="luspo")
+    torch.testing.assert_close(luspo * 6, dapo * n_tokens)
+
+
+def test_metrics_decompose_over_sequences():
+    # per-sequence statistics: concatenating two halves' metrics (what gather does across processes) gives the
+    # whole batch's logged values
+    logps, old, ref, advantages, mask = _inputs(8, 13, spread=0.5)
+    for level in LEVELS:
+        kw = dict(ref_logps=ref, beta=0.1, importance_sampling_level=level, return_metrics=True)
+        _, whole = grpo_loss(logps, old, advantages, mask, **kw)
+        _, first = grpo_loss(logps[:4], old[:4], advantages[:4], mask[:4], **{**kw, "ref_logps": ref[:4]})
+        _, second = grpo_loss(logps[4:], old[4:], advantages[4:], mask[4:], **{**kw, "ref_logps": ref[4:]})
+        joined = GRPOLossMetrics(*(torch.cat([a, b]) for a, b in zip(first, second)))
+        for loss_type in ("dapo", "cispo", "sapo"):
+            logs, expected = joined.logs(loss_type), whole.logs(loss_type)
+            assert logs.keys() == expected.keys()
+            for name in logs:
+                torch.testing.assert_close(logs[name], expected[name], equal_nan=True, msg=name)
+        assert whole.logs("sapo").keys() == {"kl"}
+        assert whole.logs("cispo").keys() == {"kl", "cispo_clip_ratio"}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    B=st.integers(1, 9),
+    T=st.integers(1, 40),
+    loss_type=st.sampled_from(LOSS_TYPES),
+    level=st.sampled_from(LEVELS),
+    beta=st.sampled_from([0.0, 0.04]),
+    bias_correction=st.booleans(),
+    delta=st.sampled_from([None, 1.4]),
+    spread=st.sampled_from([0.05, 0.5, 2.0]),
+    on_policy=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_random(B, T, loss_type, level, beta, bias_correction, delta, spread, on_policy, seed):
+    torch.manual_seed(seed)
+    logps, old, ref, advantages, mask = _inputs(B, T, spread=spread)
+    old = None if on_policy else old
+    kw = dict(
+        ref_logps=ref, beta=beta, use_bias_correction_kl=bias_correction, delta=delta, loss_type=loss_type,
+        importance_sampling_level=level, max_completion_length=T + 3,
+    )  # fmt: skip
+    loss, grad, metrics = _run("triton", logps, old, advantages, mask, **kw)
+    loss_ref, grad_ref, metrics_ref = _run("torch", logps, old, advantages, mask, **kw)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6)
+    _assert_metrics_equal(metrics, metrics_ref)
+
+
+# TRL's own loss, run on a stand-in trainer: the model forward is stubbed to return `logps`; one process, no
+# gradient accumulation, no entropy bonus, vLLM or off-policy masking.
+class _OneProcess:
+    num_processes = 1
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor
+
+    def gather(self, tensor):
+        return tensor
+
+
+def _trl_loss(logps, old, ref, advantages, mask, *, beta, epsilon_low, epsilon_high, delta, loss_type, level,
+              max_completion_length, bias_correction):  # fmt: skip
+    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
+    B, T = logps.shape
+    fake = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logps, torch.rand(B, T), None),
+        args=SimpleNamespace(
+            use_bias_correction_kl=bias_correction,
+            delta=delta,
+            sapo_temperature_pos=1.0,
+            sapo_temperature_neg=1.05,
+            steps_per_generation=1,
+        ),
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level=level,
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        use_vllm=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        max_completion_length=max_completion_length,
+        accelerator=_OneProcess(),
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list)},
+    )
+    inputs = {
+        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": advantages,
+        "num_items_in_batch": mask.sum(),
+        "old_per_token_logps": old,
+    }
+    if ref is not None:
+        inputs["ref_per_token_logps"] = ref
+    loss = grpo_trainer.GRPOTrainer._compute_loss(fake, None, inputs)
+    metrics = {name: values[0] for name, values in fake._metrics["train"].items() if name != "entropy"}
+    return loss, metrics
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_trl(loss_type, level):
+    logps, old, ref, advantages, mask = _inputs(6, 11, spread=0.5, mask_dtype=torch.long)
+    options = dict(beta=0.05, epsilon_low=0.2, epsilon_high=0.28, delta=1.4, bias_correction=loss_type != "sapo")
+    leaf = logps.clone().requires_grad_()
+    loss_trl, metrics_trl = _trl_loss(leaf, old, ref, advantages, mask, loss_type=loss_type, level=level,
+                                      max_completion_length=16, **options)  # fmt: skip
+    (grad_trl,) = torch.autograd.grad(loss_trl, leaf)
+    assert metrics_trl  # kl always; clip ratios for all but sapo
+    kw = dict(
+        ref_logps=ref, beta=options["beta"], epsilon_low=0.2, epsilon_high=0.28, delta=1.4, loss_type=loss_type,
+        importance_sampling_level=level, max_completion_length=16, use_bias_correction_kl=options["bias_correction"],
+    )  # fmt: skip
+    for impl in ("torch", "triton"):
+        loss, grad, metrics = _run(impl, logps, old, advantages, mask, **kw)
+        torch.testing.assert_close(loss, loss_trl.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, grad_trl, rtol=1e-5, atol=1e-7)
+        logs = metrics.logs(loss_type)
+        assert logs.keys() == metrics_trl.keys()
+        for name, value in metrics_trl.items():
+            assert logs[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), name
+
+
+def test_bad_inputs():
+    logps, old, ref, advantages, mask = _inputs(4, 5)
+    cases = [
+        (dict(loss_type="ppo"), ValueError, "loss_type 'ppo' is not one of: grpo, bnpo, dr_grpo, dapo, cispo, sapo"),
+        (dict(importance_sampling_level="seq"), ValueError, "importance_sampling_level 'seq' is not one of: token"),
+        (dict(loss_type="dr_grpo"), ValueError, "dr_grpo.* max_completion_length is None"),
+        (dict(beta=0.1), ValueError, "beta=0.1 .* needs ref_logps"),
+        (dict(ref_logps=ref[:, :3], beta=0.1), ValueError, "ref_logps has shape \\(4, 3\\), expected \\(4, 5\\)"),
+        (dict(epsilon_high=math.nan), ValueError, "epsilon_high must be a finite number, got nan"),
+        (dict(sapo_temperature_neg=0.0), ValueError, "sapo_temperature_neg must be > 0, got 0.0"),
+        (dict(impl="cuda"), ValueError, "impl 'cuda' is not one of"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            grpo_loss(logps, old, advantages, mask, **kwargs)
+    with pytest.raises(ValueError, match="old_logps has shape \\(4, 4\\), expected \\(4, 5\\)"):
+        grpo_loss(logps, old[:, :4], advantages, mask)
+    with pytest.raises(ValueError, match="advantages has shape \\(4, 1\\), expected \\(4,\\)"):
+        grpo_loss(logps, old, advantages[:, None], mask)
+    with pytest.raises(ValueError, match="mask has shape \\(4, 6\\), expected \\(4, 5\\)"):
+        grpo_loss(logps, old, advantages, torch.ones(4, 6))
+    with pytest.raises(ValueError, match="logps must be 2-D, got shape \\(20,\\)"):
+        grpo_loss(logps.flatten(), None, advantages, mask.flatten())
+    with pytest.raises(TypeError, match="logps must be float32"):
+        grpo_loss(logps.long(), old, advantages, mask)
