@@ -3,6 +3,8 @@
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -19,3 +21,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+@triton.jit
+def divide_by_temperature(x, temperature, SCALED: tl.constexpr):
+    """x / temperature with IEEE rounding, as torch's `logits / T` (identity when not SCALED, i.e. T == 1).
+
+    Multiplying by a rounded 1/T would shift every logit by the same relative error; at |z| ~ 1e2 that alone exceeds
+    twice torch's own error, and div.full (Triton's default fp32 division) is not correctly rounded either.
+    """
+    if SCALED:
+        return tl.math.div_rn(x, temperature)
+    return x

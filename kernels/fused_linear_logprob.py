@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, interpreting
+from ._common import divide_by_temperature, dot_precision, interpreting
 
 # Vocabulary columns per forward program; a multiple of every BLOCK_V below.
 SPLIT_V = 4096
@@ -74,8 +74,9 @@ def _logits_tile(
     stride_hk,
     stride_wv,
     stride_wk,
-    inv_t,
+    temperature,
     HAS_BIAS: tl.constexpr,
+    SCALED: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -101,7 +102,7 @@ def _logits_tile(
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
-    return acc * inv_t
+    return divide_by_temperature(acc, temperature, SCALED)
 
 
 @triton.autotune(configs=_configs(), key=["K", "V", "N_BUCKET"])
@@ -128,8 +129,9 @@ def _fused_linear_logprob_fwd_kernel(
     stride_hk,
     stride_wv,
     stride_wk,
-    inv_t,
+    temperature,
     HAS_BIAS: tl.constexpr,
+    SCALED: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     HAS_STATS: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -156,8 +158,8 @@ def _fused_linear_logprob_fwd_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_stop
         z = _logits_tile(
-            h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, K, stride_hn, stride_hk, stride_wv, stride_wk, inv_t,
-            HAS_BIAS, EVEN_K, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
+            h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, K, stride_hn, stride_hk, stride_wv, stride_wk, temperature,
+            HAS_BIAS, SCALED, EVEN_K, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
         z = tl.where(v_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
@@ -276,9 +278,10 @@ def _fused_linear_logprob_bwd_kernel(
     stride_wv,
     stride_wk,
     stride_dn,
-    inv_t,
+    temperature,
     ignore_index,
     HAS_BIAS: tl.constexpr,
+    SCALED: tl.constexpr,
     HAS_GRAD_LOGPROB: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -298,8 +301,8 @@ def _fused_linear_logprob_bwd_kernel(
     c_mask = offs_c < num_cols
     offs_v = v_start + offs_c % num_cols
     z = _logits_tile(
-        h_ptr, w_ptr, b_ptr, offs_n % N, offs_v, K, stride_hn, stride_hk, stride_wv, stride_wk, inv_t,
-        HAS_BIAS, EVEN_K, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
+        h_ptr, w_ptr, b_ptr, offs_n % N, offs_v, K, stride_hn, stride_hk, stride_wv, stride_wk, temperature,
+        HAS_BIAS, SCALED, EVEN_K, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
     )  # fmt: skip
     tgt = tl.load(tgt_ptr + offs_n, mask=n_mask, other=ignore_index)
     valid = tgt != ignore_index
@@ -317,7 +320,7 @@ def _fused_linear_logprob_bwd_kernel(
         g = tl.where(valid, tl.load(grad_entropy_ptr + offs_n, mask=n_mask, other=0.0), 0.0)
         ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
         grad -= g[:, None] * p * (log_p + ent[:, None])
-    grad *= inv_t
+    grad = divide_by_temperature(grad, temperature, SCALED)
     out_ptrs = dlogits_ptr + offs_n.to(tl.int64)[:, None] * stride_dn + offs_c[None, :]
     tl.store(out_ptrs, grad.to(dlogits_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
 
@@ -331,7 +334,7 @@ def fused_linear_logprob_fwd(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
-    inv_temperature: float,
+    temperature: float,
     ignore_index: int,
     with_entropy: bool,
     with_stats: bool,
@@ -360,8 +363,8 @@ def fused_linear_logprob_fwd(
         part_max, part_sum, part_ent, part_zsum, part_arg, tgt_logit,
         N, V, K, n_bucket, num_splits, split_v,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        inv_temperature,
-        HAS_BIAS=bias is not None, HAS_ENTROPY=with_entropy, HAS_STATS=with_stats,
+        temperature,
+        HAS_BIAS=bias is not None, SCALED=temperature != 1.0, HAS_ENTROPY=with_entropy, HAS_STATS=with_stats,
         PRECISION=dot_precision(hidden.dtype),
     )  # fmt: skip
 
@@ -416,7 +419,7 @@ def fused_linear_logprob_bwd(
     entropy: torch.Tensor | None,
     grad_logprob: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
-    inv_temperature: float,
+    temperature: float,
     ignore_index: int,
     needs_grad: tuple[bool, bool, bool],
     chunk_bytes: int = BWD_CHUNK_BYTES,
@@ -454,8 +457,8 @@ def fused_linear_logprob_bwd(
                 dlogits,
                 n, K, n_bucket, v0, c,
                 h_chunk.stride(0), h_chunk.stride(1), weight.stride(0), weight.stride(1), dlogits.stride(0),
-                inv_temperature, ignore_index,
-                HAS_BIAS=bias is not None, HAS_GRAD_LOGPROB=grad_logprob is not None,
+                temperature, ignore_index,
+                HAS_BIAS=bias is not None, SCALED=temperature != 1.0, HAS_GRAD_LOGPROB=grad_logprob is not None,
                 HAS_GRAD_ENTROPY=grad_entropy is not None, PRECISION=dot_precision(hidden.dtype),
             )  # fmt: skip
             if needs_h:

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import divide_by_temperature, interpreting
 
 
 def _fwd_block(V: int) -> int:
@@ -24,8 +24,9 @@ def _selective_log_softmax_fwd_kernel(
     log_sum_ptr,
     V,
     stride_row,
-    inv_t,
+    temperature,
     ignore_index,
+    SCALED: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -36,7 +37,8 @@ def _selective_log_softmax_fwd_kernel(
     ent = tl.zeros((BLOCK_V,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
+        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        z = divide_by_temperature(x, temperature, SCALED)
         m_new = tl.maximum(m, z)
         # lanes that have only seen padding keep m = -inf; exp(-inf - -inf) would be NaN
         alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
@@ -52,7 +54,7 @@ def _selective_log_softmax_fwd_kernel(
     log_total = tl.log(total)
     tgt = tl.load(tgt_ptr + row)
     valid = tgt != ignore_index
-    tgt_z = tl.load(row_ptr + tl.where(valid, tgt, 0)).to(tl.float32) * inv_t
+    tgt_z = divide_by_temperature(tl.load(row_ptr + tl.where(valid, tgt, 0)).to(tl.float32), temperature, SCALED)
     # logsumexp = row_max + log_total, kept as two numbers: at |z| ~ 1e3 their fp32 sum would lose the digits that
     # the backward's z - logsumexp needs
     tl.store(max_ptr + row, row_max)
@@ -77,8 +79,9 @@ def _selective_log_softmax_bwd_kernel(
     V,
     stride_row,
     stride_grad_row,
-    inv_t,
+    temperature,
     ignore_index,
+    SCALED: tl.constexpr,
     HAS_GRAD_LOGPROB: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -86,7 +89,8 @@ def _selective_log_softmax_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = offs < V
-    z = tl.load(logits_ptr + row * stride_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
+    x = tl.load(logits_ptr + row * stride_row + offs, mask=mask, other=0.0).to(tl.float32)
+    z = divide_by_temperature(x, temperature, SCALED)
     tgt = tl.load(tgt_ptr + row)
     valid = tgt != ignore_index
     log_p = (z - tl.load(max_ptr + row)) - tl.load(log_sum_ptr + row)
@@ -98,12 +102,12 @@ def _selective_log_softmax_bwd_kernel(
     if HAS_GRAD_ENTROPY:
         g = tl.where(valid, tl.load(grad_entropy_ptr + row), 0.0)
         grad -= g * p * (log_p + tl.load(ent_ptr + row))
-    grad *= inv_t
+    grad = divide_by_temperature(grad, temperature, SCALED)
     tl.store(grad_logits_ptr + row * stride_grad_row + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
 def selective_log_softmax_fwd(
-    logits: torch.Tensor, targets: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, with_entropy: bool
 ) -> dict[str, torch.Tensor]:
     """logits [N, V] (last stride 1), targets [N] int.
 
@@ -117,8 +121,8 @@ def selective_log_softmax_fwd(
         out["entropy"] = torch.empty(N, **f32)
     _selective_log_softmax_fwd_kernel[(N,)](
         logits, targets, out["logprob"], out.get("entropy", out["logprob"]), out["lse"][0], out["lse"][1],
-        V, logits.stride(0), inv_temperature, ignore_index,
-        HAS_ENTROPY=with_entropy, BLOCK_V=_fwd_block(V), num_warps=8,
+        V, logits.stride(0), temperature, ignore_index,
+        SCALED=temperature != 1.0, HAS_ENTROPY=with_entropy, BLOCK_V=_fwd_block(V), num_warps=8,
     )  # fmt: skip
     return out
 
@@ -130,7 +134,7 @@ def selective_log_softmax_bwd(
     entropy: torch.Tensor | None,
     grad_logprob: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
-    inv_temperature: float,
+    temperature: float,
     ignore_index: int,
 ) -> torch.Tensor:
     """Gradient of the logits [N, V] in their dtype; grad_* are contiguous float32 [N] or None."""
@@ -140,8 +144,8 @@ def selective_log_softmax_bwd(
     _selective_log_softmax_bwd_kernel[(N, triton.cdiv(V, block))](
         logits, targets, lse[0], lse[1], entropy if entropy is not None else lse,
         grad_logprob if grad_logprob is not None else lse, grad_entropy if grad_entropy is not None else lse,
-        grad_logits, V, logits.stride(0), grad_logits.stride(0), inv_temperature, ignore_index,
-        HAS_GRAD_LOGPROB=grad_logprob is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+        grad_logits, V, logits.stride(0), grad_logits.stride(0), temperature, ignore_index,
+        SCALED=temperature != 1.0, HAS_GRAD_LOGPROB=grad_logprob is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         BLOCK_V=block, num_warps=8,
     )  # fmt: skip
     return grad_logits

@@ -18,15 +18,40 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_impl(impl: str, device: torch.device, choices: tuple[str, ...] = ("auto", "triton", "torch")) -> str:
-    """Turn `impl` into the implementation to run on `device`; "auto" picks Triton where it can run, else torch."""
+# impl="auto" tries these in order and falls back to torch. The order follows the committed GPU benchmark results
+# (benchmarks/results/); until an op's CUDA kernel has been measured against its Triton kernel, Triton comes first.
+PREFERRED_IMPLS = {"selective_log_softmax": ("triton", "cuda")}
+
+
+def _usable(impl: str, device: torch.device) -> bool:
+    if impl == "triton":
+        return triton_usable(device)
+    if impl == "cuda":
+        from ._cuda import cuda_ops_available
+
+        return device.type == "cuda" and cuda_ops_available()
+    return impl == "torch"
+
+
+def resolve_impl(
+    impl: str, device: torch.device, choices: tuple[str, ...] = ("auto", "triton", "torch"), op: str | None = None
+) -> str:
+    """Turn `impl` into the implementation to run on `device`.
+
+    "auto" takes the first usable one of PREFERRED_IMPLS[op] (default: Triton), else torch. An explicit choice that
+    cannot run here is an error that says why.
+    """
     if impl not in choices:
         raise ValueError(f"impl {impl!r} is not one of: {', '.join(choices)}")
     if impl == "auto":
-        return "triton" if triton_usable(device) else "torch"
+        return next((c for c in PREFERRED_IMPLS.get(op, ("triton",)) if _usable(c, device)), "torch")
     if impl == "triton" and not triton_usable(device):
         reason = "triton is not installed" if not _HAS_TRITON else f"the inputs are on {device.type}"
         raise RuntimeError(f"impl='triton' needs a CUDA device or TRITON_INTERPRET=1, but {reason}")
+    if impl == "cuda" and not _usable("cuda", device):
+        from ._cuda import BUILD_HINT
+
+        raise RuntimeError(f"impl='cuda' needs CUDA inputs (got {device.type}) and {BUILD_HINT}")
     return impl
 
 

@@ -75,10 +75,10 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
         from posttrain.kernels.fused_linear_logprob import fused_linear_logprob_fwd
 
         out = fused_linear_logprob_fwd(
-            hidden, weight, bias, targets, 1.0 / temperature, ignore_index, return_entropy, return_stats
+            hidden, weight, bias, targets, temperature, ignore_index, return_entropy, return_stats
         )
         ctx.save_for_backward(hidden, weight, bias, targets, out["lse"], out.get("entropy"))
-        ctx.inv_temperature = 1.0 / temperature
+        ctx.temperature = temperature
         ctx.ignore_index = ignore_index
         # A gradient that never arrives (e.g. entropy only logged) stays None instead of a tensor of zeros
         ctx.set_materialize_grads(False)
@@ -98,7 +98,7 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
             hidden, weight, bias, targets, lse, entropy,
             grad_logprob.float().contiguous() if grad_logprob is not None else None,
             grad_entropy.float().contiguous() if grad_entropy is not None else None,
-            ctx.inv_temperature, ctx.ignore_index, needs,
+            ctx.temperature, ctx.ignore_index, needs,
         )  # fmt: skip
         return (*grads, None, None, None, None, None)
 

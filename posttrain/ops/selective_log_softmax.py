@@ -45,9 +45,9 @@ class SelectiveLogSoftmaxFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, temperature, ignore_index, return_entropy):
         from posttrain.kernels.selective_log_softmax import selective_log_softmax_fwd
 
-        out = selective_log_softmax_fwd(logits, targets, 1.0 / temperature, ignore_index, return_entropy)
+        out = selective_log_softmax_fwd(logits, targets, temperature, ignore_index, return_entropy)
         ctx.save_for_backward(logits, targets, out["lse"], out.get("entropy"))
-        ctx.inv_temperature = 1.0 / temperature
+        ctx.temperature = temperature
         ctx.ignore_index = ignore_index
         ctx.set_materialize_grads(False)
         return out["logprob"], out.get("entropy")
@@ -63,7 +63,7 @@ class SelectiveLogSoftmaxFunction(torch.autograd.Function):
             logits, targets, lse, entropy,
             grad_logprob.float().contiguous() if grad_logprob is not None else None,
             grad_entropy.float().contiguous() if grad_entropy is not None else None,
-            ctx.inv_temperature, ctx.ignore_index,
+            ctx.temperature, ctx.ignore_index,
         )  # fmt: skip
         return grad_logits, None, None, None, None
 
@@ -84,7 +84,8 @@ def selective_log_softmax(
         targets: [...] int64 in [0, V), or ignore_index (those rows get 0 and no gradient).
         temperature: > 0.
         return_entropy: also return the float32 entropy of each row (differentiable).
-        impl: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch), "triton" or "torch".
+        impl: "auto" (the fastest available: Triton or the CUDA extension on CUDA, Triton under TRITON_INTERPRET=1,
+            else torch), "triton", "cuda" (csrc/, when built) or "torch".
 
     Returns:
         float32 log-probs shaped like targets, or (logprobs, entropy). The logits' gradient comes back in their dtype.
@@ -108,7 +109,7 @@ def selective_log_softmax(
         logits_2d = logits_2d.contiguous()
     targets_1d = targets.reshape(-1)
     impl = "torch" if logits.dtype == torch.float64 and impl == "auto" else impl
-    impl = resolve_impl(impl, logits.device)
+    impl = resolve_impl(impl, logits.device, ("auto", "triton", "cuda", "torch"), op="selective_log_softmax")
     if impl == "torch" or logits_2d.shape[0] == 0:
         outs = selective_log_softmax_ref(
             logits_2d, targets_1d, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
@@ -116,9 +117,15 @@ def selective_log_softmax(
         logprobs, entropy = outs[0], outs[1] if return_entropy else None
     else:
         if logits.dtype == torch.float64:
-            raise TypeError("impl='triton' supports float32, bfloat16 and float16; logits are float64 (use impl='torch')")
-        logprobs, entropy = SelectiveLogSoftmaxFunction.apply(
-            logits_2d, targets_1d, float(temperature), int(ignore_index), return_entropy
-        )
+            raise TypeError(f"impl={impl!r} supports float32, bfloat16 and float16; logits are float64 (use impl='torch')")
+        if impl == "cuda":
+            logprobs, entropy, _ = torch.ops.posttrain.selective_log_softmax_fwd(
+                logits_2d, targets_1d.long().contiguous(), float(temperature), int(ignore_index), return_entropy
+            )
+            entropy = entropy if return_entropy else None
+        else:
+            logprobs, entropy = SelectiveLogSoftmaxFunction.apply(
+                logits_2d, targets_1d, float(temperature), int(ignore_index), return_entropy
+            )
     logprobs = logprobs.view(lead_shape)
     return (logprobs, entropy.view(lead_shape)) if return_entropy else logprobs

@@ -9,7 +9,7 @@ from posttrain.ops import fused_linear_logprob
 
 
 def _forward(hidden, weight, bias, targets, split_v):
-    return fused_linear_logprob_fwd(hidden, weight, bias, targets, 1 / 0.8, -100, True, True, split_v=split_v)
+    return fused_linear_logprob_fwd(hidden, weight, bias, targets, 0.8, -100, True, True, split_v=split_v)
 
 
 @pytest.mark.parametrize("split_v", [300, 1000, 2900], ids=lambda s: f"split{s}")
@@ -32,7 +32,7 @@ def test_backward_chunks_agree(chunk_bytes):
         n, 40, v, bias=True, ignore_frac=0.2))  # fmt: skip
     fwd = _forward(hidden, weight, bias, targets, split_v=4096)
     g_lp, g_ent = torch.randn(n), torch.randn(n)
-    args = (hidden, weight, bias, targets, fwd["lse"], fwd["entropy"], g_lp, g_ent, 1 / 0.8, -100, (True,) * 3)
+    args = (hidden, weight, bias, targets, fwd["lse"], fwd["entropy"], g_lp, g_ent, 0.8, -100, (True,) * 3)
     whole = fused_linear_logprob_bwd(*args)
     chunked = fused_linear_logprob_bwd(*args, chunk_bytes=chunk_bytes)
     for name, a, b in zip(["d_hidden", "d_weight", "d_bias"], chunked, whole):

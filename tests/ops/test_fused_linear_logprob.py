@@ -164,7 +164,7 @@ def test_argmax_ties_pick_the_first_maximum():
 
 def test_autocast_casts_like_linear():
     hidden, weight, _, targets = lm_head_inputs(16, 32, 500)
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(hidden.device.type, dtype=torch.float16):
         lp = fused_linear_logprob(hidden, weight, targets, impl="triton")
     lp.sum().backward()
     assert lp.dtype == torch.float32 and hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
@@ -199,8 +199,10 @@ def test_empty_input():
     bias=st.booleans(),
     temperature=st.floats(0.25, 4.0),
     ignore_frac=st.sampled_from([0.0, 0.3]),
+    seed=st.integers(0, 2**31),
 )
-def test_property_random_shapes(n, h, v, bias, temperature, ignore_frac):
+def test_property_random_shapes(n, h, v, bias, temperature, ignore_frac, seed):
+    torch.manual_seed(seed)  # the tensors too come from hypothesis' draw, so a failure replays
     _check(n, h, v, bias=bias, temperature=temperature, ignore_frac=ignore_frac)
 
 

@@ -150,7 +150,10 @@ def test_property_random_shapes(groups, num_generations, num_funcs, nan_frac, sc
 class _OneProcess:
     num_processes = 1
     process_index = 0
-    device = torch.device("cpu")
+
+    @property
+    def device(self):
+        return torch.get_default_device()
 
     def gather(self, tensor):
         return tensor
