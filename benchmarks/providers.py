@@ -7,7 +7,16 @@ from collections.abc import Callable
 
 import torch
 
-from posttrain.ops import fused_linear_logprob, selective_log_softmax
+from posttrain.ops import (
+    dpo_loss,
+    dpo_loss_ref,
+    fused_linear_logprob,
+    grpo_advantages,
+    grpo_advantages_ref,
+    grpo_loss,
+    grpo_loss_ref,
+    selective_log_softmax,
+)
 
 # TRL's trainers call its fused head with this vocabulary chunk (trl/trainer/utils.py, TRL 1.16)
 TRL_CHUNK_SIZE = 32768
@@ -76,9 +85,65 @@ FUSED_LINEAR_LOGPROB = {
     "liger": Provider(_liger_flce, "liger_kernel", devices=("cuda",)),
 }
 
+# the CUDA extension (csrc/), when built into the environment
+CUDA_EXTENSION = "posttrain._C"
+
 SELECTIVE_LOG_SOFTMAX = {
     "posttrain": Provider(lambda x: selective_log_softmax(x["logits"], x["targets"], impl="triton")),
+    "posttrain_cuda": Provider(
+        lambda x: selective_log_softmax(x["logits"], x["targets"], impl="cuda"), CUDA_EXTENSION, ("cuda",)
+    ),
     "torch": Provider(lambda x: selective_log_softmax(x["logits"], x["targets"], impl="torch")),
     "torch_compile": Provider(lambda x: _compiled_log_softmax_gather(x["logits"], x["targets"]), devices=("cuda",)),
     "trl": Provider(_trl_selective_log_softmax, "trl"),
+}
+
+
+def _dpo_args(x):
+    return x["chosen"], x["rejected"], x["ref_chosen"], x["ref_rejected"]
+
+
+_compiled_dpo_ref = torch.compile(dpo_loss_ref, dynamic=False)
+
+DPO_LOSS = {
+    "posttrain": Provider(lambda x: dpo_loss(*_dpo_args(x), impl="triton")),
+    "torch": Provider(lambda x: dpo_loss(*_dpo_args(x), impl="torch")),
+    "torch_compile": Provider(lambda x: _compiled_dpo_ref(*_dpo_args(x)), devices=("cuda",)),
+}
+
+
+def _advantages(impl):
+    return lambda x: grpo_advantages(x["rewards"], x["num_generations"], impl=impl)
+
+
+_compiled_advantages_ref = torch.compile(grpo_advantages_ref, dynamic=False)
+
+GRPO_ADVANTAGES = {
+    "posttrain": Provider(_advantages("triton")),
+    "posttrain_cuda": Provider(_advantages("cuda"), CUDA_EXTENSION, ("cuda",)),
+    "torch": Provider(_advantages("torch")),
+    "torch_compile": Provider(
+        lambda x: _compiled_advantages_ref(x["rewards"], x["num_generations"]), devices=("cuda",)
+    ),
+}
+
+
+def _loss_kwargs(x):
+    return dict(ref_logps=x["ref_logps"], beta=0.04, loss_type="dapo")
+
+
+def _grpo_loss(impl):
+    return lambda x: grpo_loss(x["logps"], x["old_logps"], x["advantages"], x["mask"], impl=impl, **_loss_kwargs(x))
+
+
+_compiled_grpo_loss_ref = torch.compile(grpo_loss_ref, dynamic=False)
+
+GRPO_LOSS = {
+    "posttrain": Provider(_grpo_loss("triton")),
+    "posttrain_cuda": Provider(_grpo_loss("cuda"), CUDA_EXTENSION, ("cuda",)),
+    "torch": Provider(_grpo_loss("torch")),
+    "torch_compile": Provider(
+        lambda x: _compiled_grpo_loss_ref(x["logps"], x["old_logps"], x["advantages"], x["mask"], **_loss_kwargs(x)),
+        devices=("cuda",),
+    ),
 }

@@ -76,6 +76,64 @@ def _selective_bytes(shape, dtype, mode):
     return {"forward": logits, "backward": 2 * logits, "full": 3 * logits}[mode]
 
 
+def dpo_inputs(shape, dtype, device, seed=0):
+    """Summed sequence log-probs [B] of policy (needing grad) and reference, and grad_output [B]."""
+    gen = _generator(device, seed)
+    b = shape["B"]
+
+    def logps():
+        return -200 * torch.rand(b, device=device, generator=gen) - 10
+
+    chosen, rejected = logps().to(dtype).requires_grad_(), logps().to(dtype).requires_grad_()
+    return {"chosen": chosen, "rejected": rejected, "ref_chosen": logps().to(dtype),
+            "ref_rejected": logps().to(dtype), "grad_output": torch.randn(b, device=device, generator=gen)}  # fmt: skip
+
+
+def _dpo_bytes(shape, dtype, mode):
+    # four [B] inputs and the [B] output forward; the backward reads them again and writes two gradients
+    b = shape["B"] * FLOAT_BYTES[dtype]
+    return {"forward": 5 * b, "backward": 8 * b, "full": 8 * b}[mode]
+
+
+def advantages_inputs(shape, dtype, device, seed=0):
+    """Rewards [B, R] with 10% NaN (reward functions that returned None); B = groups x generations."""
+    gen = _generator(device, seed)
+    b = shape["groups"] * shape["G"]
+    rewards = torch.randn(b, shape["R"], device=device, generator=gen).to(dtype)
+    rewards[torch.rand(b, shape["R"], device=device, generator=gen) < 0.1] = float("nan")
+    return {"rewards": rewards, "num_generations": shape["G"], "grad_output": torch.zeros(b, device=device)}
+
+
+def _advantages_bytes(shape, dtype, mode):
+    b = shape["groups"] * shape["G"]
+    return b * shape["R"] * FLOAT_BYTES[dtype] + 4 * b
+
+
+def grpo_loss_inputs(shape, dtype, device, seed=0):
+    """Per-token log-probs [B, T] of the policy (needing grad), old policy and reference, advantages [B], a mask with
+    ragged completion lengths; grad_output is the scalar loss's."""
+    gen = _generator(device, seed)
+    b, t = shape["B"], shape["T"]
+
+    def logps():
+        return (-3 * torch.rand(b, t, device=device, generator=gen)).to(dtype)
+
+    lengths = torch.randint(1, t + 1, (b, 1), device=device, generator=gen)
+    mask = torch.arange(t, device=device)[None] < lengths
+    return {"logps": logps().requires_grad_(), "old_logps": logps(), "ref_logps": logps(),
+            "advantages": torch.randn(b, device=device, generator=gen), "mask": mask,
+            "grad_output": torch.ones((), device=device)}  # fmt: skip
+
+
+def _grpo_loss_bytes(shape, dtype, mode):
+    # forward reads logps, old, ref and the mask; the backward reads them again and writes dlogps
+    tokens = shape["B"] * shape["T"]
+    forward = tokens * (3 * FLOAT_BYTES[dtype] + 1)
+    return {"forward": forward, "backward": forward + tokens * FLOAT_BYTES[dtype], "full": 2 * forward + tokens * 4}[
+        mode
+    ]
+
+
 REGISTRY: dict[str, OpBenchmark] = {
     "fused_linear_logprob": OpBenchmark(
         name="fused_linear_logprob",
@@ -100,6 +158,36 @@ REGISTRY: dict[str, OpBenchmark] = {
         smoke_shapes=[{"N": 16, "V": 1000}],
         grad_names=("logits",),
         moved_bytes=_selective_bytes,
+        bound="memory",
+    ),
+    "dpo_loss": OpBenchmark(
+        name="dpo_loss",
+        make_inputs=dpo_inputs,
+        providers=P.DPO_LOSS,
+        shapes=[{"B": 64}, {"B": 4096}, {"B": 262144}],
+        smoke_shapes=[{"B": 7}],
+        grad_names=("chosen", "rejected"),
+        moved_bytes=_dpo_bytes,
+        bound="memory",
+    ),
+    "grpo_advantages": OpBenchmark(
+        name="grpo_advantages",
+        make_inputs=advantages_inputs,
+        providers=P.GRPO_ADVANTAGES,
+        shapes=[{"groups": 128, "G": 8, "R": 2}, {"groups": 1024, "G": 16, "R": 4}],
+        smoke_shapes=[{"groups": 3, "G": 4, "R": 2}],
+        moved_bytes=_advantages_bytes,
+        modes=("forward",),
+        bound="memory",
+    ),
+    "grpo_loss": OpBenchmark(
+        name="grpo_loss",
+        make_inputs=grpo_loss_inputs,
+        providers=P.GRPO_LOSS,
+        shapes=[{"B": 64, "T": 1024}, {"B": 256, "T": 4096}, {"B": 1024, "T": 2048}],
+        smoke_shapes=[{"B": 6, "T": 37}],
+        grad_names=("logps",),
+        moved_bytes=_grpo_loss_bytes,
         bound="memory",
     ),
 }

@@ -101,6 +101,121 @@ at::Tensor selective_log_softmax_bwd(const at::Tensor& logits, const at::Tensor&
   return grad_logits;
 }
 
+at::Tensor as_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  return t.to(at::kFloat).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> grpo_advantages(const at::Tensor& rewards, const at::Tensor& weights,
+                                                   int64_t num_generations, int64_t scale, bool normalize_then_sum,
+                                                   bool return_std) {
+  TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, R], got ", rewards.sizes());
+  const int64_t batch = rewards.size(0);
+  TORCH_CHECK(num_generations > 0 && batch % num_generations == 0, "num_generations (", num_generations,
+              ") must divide the batch (", batch, ")");
+  TORCH_CHECK(scale >= 0 && scale <= 2, "scale must be 0 (none), 1 (group) or 2 (batch), got ", scale);
+  const at::Tensor r = as_f32(rewards, "rewards");
+  const at::Tensor w = as_f32(weights, "weights");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == r.size(1), "weights must be [", r.size(1), "], got ", w.sizes());
+  const c10::cuda::CUDAGuard guard(r.device());
+  at::Tensor advantages = at::empty({batch}, r.options());
+  at::Tensor std = at::empty({return_std ? batch : 0}, r.options());
+  check_launch(posttrain::grpo_advantages(r.data_ptr<float>(), batch, r.size(1), r.stride(0), r.stride(1),
+                                          w.data_ptr<float>(), num_generations, static_cast<int>(scale),
+                                          normalize_then_sum, advantages.data_ptr<float>(),
+                                          return_std ? std.data_ptr<float>() : nullptr,
+                                          at::cuda::getCurrentCUDAStream()),
+               "grpo_advantages");
+  return {advantages, std};
+}
+
+// The float32 contiguous operands of the loss kernels (kept alive by the caller) and the kernels' view of them.
+struct LossOperands {
+  at::Tensor logps, old_logps, ref_logps, advantages, mask;
+  posttrain::GrpoLossInputs inputs;
+};
+
+LossOperands loss_operands(const at::Tensor& logps, const at::Tensor& old_logps,
+                           const std::optional<at::Tensor>& ref_logps, const at::Tensor& advantages,
+                           const at::Tensor& mask, double beta, double epsilon_low, double epsilon_high,
+                           std::optional<double> delta, double sapo_temperature_pos, double sapo_temperature_neg,
+                           int64_t loss_code, bool sequence_level, bool bias_correction_kl) {
+  TORCH_CHECK(logps.dim() == 2, "logps must be [B, T], got ", logps.sizes());
+  TORCH_CHECK(loss_code >= 0 && loss_code <= 2, "loss_code must be 0, 1 or 2, got ", loss_code);
+  LossOperands op;
+  op.logps = as_f32(logps, "logps");
+  op.old_logps = as_f32(old_logps, "old_logps");
+  op.mask = as_f32(mask, "mask");
+  op.advantages = as_f32(advantages, "advantages");
+  const bool has_kl = ref_logps.has_value() && ref_logps->defined();
+  if (has_kl) op.ref_logps = as_f32(*ref_logps, "ref_logps");
+  for (const at::Tensor* t : {&op.old_logps, &op.mask}) {
+    TORCH_CHECK(t->sizes() == op.logps.sizes(), "old_logps and mask must match logps ", op.logps.sizes());
+  }
+  TORCH_CHECK(!has_kl || op.ref_logps.sizes() == op.logps.sizes(), "ref_logps must match logps ", op.logps.sizes());
+  TORCH_CHECK(op.advantages.dim() == 1 && op.advantages.size(0) == op.logps.size(0), "advantages must be [",
+              op.logps.size(0), "], got ", op.advantages.sizes());
+  op.inputs = {op.logps.data_ptr<float>(),
+               op.old_logps.data_ptr<float>(),
+               has_kl ? op.ref_logps.data_ptr<float>() : nullptr,
+               op.advantages.data_ptr<float>(),
+               op.mask.data_ptr<float>(),
+               op.logps.size(1),
+               static_cast<float>(beta),
+               static_cast<float>(epsilon_low),
+               static_cast<float>(epsilon_high),
+               static_cast<float>(delta.value_or(0.0)),
+               static_cast<float>(sapo_temperature_pos),
+               static_cast<float>(sapo_temperature_neg),
+               static_cast<int>(loss_code),
+               sequence_level,
+               bias_correction_kl,
+               delta.has_value()};
+  return op;
+}
+
+std::vector<at::Tensor> grpo_loss_fwd(const at::Tensor& logps, const at::Tensor& old_logps,
+                                      const std::optional<at::Tensor>& ref_logps, const at::Tensor& advantages,
+                                      const at::Tensor& mask, double beta, double epsilon_low, double epsilon_high,
+                                      std::optional<double> delta, double sapo_temperature_pos,
+                                      double sapo_temperature_neg, int64_t loss_code, bool sequence_level,
+                                      bool bias_correction_kl) {
+  const LossOperands op = loss_operands(logps, old_logps, ref_logps, advantages, mask, beta, epsilon_low,
+                                        epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg, loss_code,
+                                        sequence_level, bias_correction_kl);
+  const c10::cuda::CUDAGuard guard(op.logps.device());
+  const int64_t batch = op.logps.size(0);
+  std::vector<at::Tensor> out;  // loss, tokens, kl, clip_low, clip_high, clip_region, coef, dcoef
+  for (int i = 0; i < 8; ++i) out.push_back(at::zeros({batch}, op.logps.options()));
+  check_launch(posttrain::grpo_loss_fwd(op.inputs, batch, out[0].data_ptr<float>(), out[1].data_ptr<float>(),
+                                        out[2].data_ptr<float>(), out[3].data_ptr<float>(), out[4].data_ptr<float>(),
+                                        out[5].data_ptr<float>(), out[6].data_ptr<float>(), out[7].data_ptr<float>(),
+                                        at::cuda::getCurrentCUDAStream()),
+               "grpo_loss_fwd");
+  return out;
+}
+
+at::Tensor grpo_loss_bwd(const at::Tensor& logps, const at::Tensor& old_logps,
+                         const std::optional<at::Tensor>& ref_logps, const at::Tensor& advantages,
+                         const at::Tensor& mask, const at::Tensor& grad_rows, const at::Tensor& tokens,
+                         const at::Tensor& coef, const at::Tensor& dcoef, double beta, double epsilon_low,
+                         double epsilon_high, std::optional<double> delta, double sapo_temperature_pos,
+                         double sapo_temperature_neg, int64_t loss_code, bool sequence_level,
+                         bool bias_correction_kl) {
+  const LossOperands op = loss_operands(logps, old_logps, ref_logps, advantages, mask, beta, epsilon_low,
+                                        epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg, loss_code,
+                                        sequence_level, bias_correction_kl);
+  const int64_t batch = op.logps.size(0);
+  for (const at::Tensor* t : {&grad_rows, &tokens, &coef, &dcoef}) check_rows(*t, "per-row input", batch);
+  const c10::cuda::CUDAGuard guard(op.logps.device());
+  at::Tensor dlogps = at::empty(op.logps.sizes(), op.logps.options());
+  check_launch(posttrain::grpo_loss_bwd(op.inputs, batch, as_f32(grad_rows, "grad_rows").data_ptr<float>(),
+                                        tokens.data_ptr<float>(), coef.data_ptr<float>(), dcoef.data_ptr<float>(),
+                                        dlogps.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+               "grpo_loss_bwd");
+  return dlogps;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(posttrain, m) {
@@ -110,9 +225,24 @@ TORCH_LIBRARY(posttrain, m) {
   m.def(
       "selective_log_softmax_bwd(Tensor logits, Tensor targets, Tensor lse, Tensor? entropy, Tensor? grad_logprob, "
       "Tensor? grad_entropy, float temperature, int ignore_index) -> Tensor");
+  m.def(
+      "grpo_advantages(Tensor rewards, Tensor weights, int num_generations, int scale, bool normalize_then_sum, "
+      "bool return_std) -> (Tensor advantages, Tensor std)");
+  m.def(
+      "grpo_loss_fwd(Tensor logps, Tensor old_logps, Tensor? ref_logps, Tensor advantages, Tensor mask, float beta, "
+      "float epsilon_low, float epsilon_high, float? delta, float sapo_temperature_pos, float sapo_temperature_neg, "
+      "int loss_code, bool sequence_level, bool bias_correction_kl) -> Tensor[]");
+  m.def(
+      "grpo_loss_bwd(Tensor logps, Tensor old_logps, Tensor? ref_logps, Tensor advantages, Tensor mask, "
+      "Tensor grad_rows, Tensor tokens, Tensor coef, Tensor dcoef, float beta, float epsilon_low, float epsilon_high, "
+      "float? delta, float sapo_temperature_pos, float sapo_temperature_neg, int loss_code, bool sequence_level, "
+      "bool bias_correction_kl) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(posttrain, CUDA, m) {
   m.impl("selective_log_softmax_fwd", &selective_log_softmax_fwd);
   m.impl("selective_log_softmax_bwd", &selective_log_softmax_bwd);
+  m.impl("grpo_advantages", &grpo_advantages);
+  m.impl("grpo_loss_fwd", &grpo_loss_fwd);
+  m.impl("grpo_loss_bwd", &grpo_loss_bwd);
 }

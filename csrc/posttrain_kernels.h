@@ -27,4 +27,37 @@ cudaError_t selective_log_softmax_bwd(DType dtype, const void* logits, int64_t n
                                       const float* grad_entropy, float temperature, int64_t ignore_index,
                                       void* grad_logits, int64_t grad_row_stride, cudaStream_t stream);
 
+// GRPO advantages over rewards [batch, num_funcs] float32 (NaN = the reward function returned None), each group's
+// num_generations completions contiguous: NaN-aware group means, Bessel-corrected std + 1e-4, NaN -> 0. scale: 0
+// none, 1 group, 2 batch; normalize_then_sum normalizes every function within its group first and the weighted sum
+// over the batch. std_out (nullable) receives the std each advantage was (or would have been) divided by.
+cudaError_t grpo_advantages(const float* rewards, int64_t batch, int64_t num_funcs, int64_t stride_b,
+                            int64_t stride_r, const float* weights, int64_t num_generations, int scale,
+                            bool normalize_then_sum, float* advantages, float* std_out, cudaStream_t stream);
+
+// Inputs of the GRPO loss kernels: contiguous float32 [batch, T] logps, old_logps, mask (and ref_logps, null when
+// beta == 0), advantages [batch], and GRPOConfig's options. loss_code: 0 clipped surrogate (grpo, bnpo, dr_grpo, dapo,
+// luspo), 1 cispo, 2 sapo.
+struct GrpoLossInputs {
+  const float* logps;
+  const float* old_logps;
+  const float* ref_logps;
+  const float* advantages;
+  const float* mask;
+  int64_t T;
+  float beta, eps_low, eps_high, delta, sapo_temperature_pos, sapo_temperature_neg;
+  int loss_code;
+  bool sequence_level, bias_correction_kl, has_delta;
+};
+
+// Per-sequence sums [batch] of the per-token GRPO loss: loss (sum_t m_t loss_t), tokens, kl (when ref_logps), the
+// clip counts, and at the sequence level coef (the ratio) and dcoef (sum_t m_t d loss_t / d ratio) for the backward.
+cudaError_t grpo_loss_fwd(const GrpoLossInputs& in, int64_t batch, float* loss, float* tokens, float* kl,
+                          float* clip_low, float* clip_high, float* clip_region, float* coef, float* dcoef,
+                          cudaStream_t stream);
+
+// dlogps [batch, T] float32 = d(sum_b grad_rows[b] * loss[b]) / d logps.
+cudaError_t grpo_loss_bwd(const GrpoLossInputs& in, int64_t batch, const float* grad_rows, const float* tokens,
+                          const float* coef, const float* dcoef, float* dlogps, cudaStream_t stream);
+
 }  // namespace posttrain

@@ -22,7 +22,7 @@ struct SoftmaxStats {
 __device__ __forceinline__ SoftmaxStats rebase(SoftmaxStats st, float new_max) {
   if (st.sum == 0.f) return {new_max, 0.f, 0.f};
   const float shift = st.max - new_max;
-  const float alpha = __expf(shift);
+  const float alpha = expf(shift);
   return {new_max, st.sum * alpha, alpha * (st.ent + shift * st.sum)};
 }
 
@@ -49,7 +49,7 @@ __device__ __forceinline__ void accumulate(SoftmaxStats& st, const float (&z)[N]
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     const float d = z[i] - st.max;
-    const float p = __expf(d);
+    const float p = expf(d);
     st.sum += p;
     st.ent += p > 0.f ? p * d : 0.f;  // -inf logits: 0 * -inf would be NaN
   }
@@ -132,7 +132,7 @@ struct RowGrad {
   __device__ __forceinline__ float operator()(float x, int64_t col) const {
     const float z = scale(x, temperature);
     const float log_p = (z - max) - log_sum;
-    const float p = __expf(log_p);
+    const float p = expf(log_p);
     const float onehot = col == target ? 1.f : 0.f;
     return scale(g_logprob * (onehot - p) - g_entropy * p * (log_p + entropy), temperature);
   }

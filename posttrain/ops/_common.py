@@ -20,7 +20,7 @@ def triton_usable(device: torch.device) -> bool:
 
 # impl="auto" tries these in order and falls back to torch. The order follows the committed GPU benchmark results
 # (benchmarks/results/); until an op's CUDA kernel has been measured against its Triton kernel, Triton comes first.
-PREFERRED_IMPLS = {"selective_log_softmax": ("triton", "cuda")}
+PREFERRED_IMPLS = {op: ("triton", "cuda") for op in ("selective_log_softmax", "grpo_advantages", "grpo_loss")}
 
 
 def _usable(impl: str, device: torch.device) -> bool:

@@ -40,6 +40,7 @@ def cuda_ops_available() -> bool:
             return False
         jit_build()
     _register_fake_and_autograd()
+    _register_grpo_fakes()
     return True
 
 
@@ -78,3 +79,69 @@ def _register_fake_and_autograd() -> None:
 
 def _as_rows(grad):
     return grad.float().contiguous() if grad is not None else None
+
+
+def _grpo_scalars(cfg: dict) -> tuple:
+    from posttrain.kernels.grpo import LOSS_CODES
+
+    return (
+        float(cfg["beta"]), float(cfg["epsilon_low"]), float(cfg["epsilon_high"]),
+        None if cfg["delta"] is None else float(cfg["delta"]),
+        float(cfg["sapo_temperature_pos"]), float(cfg["sapo_temperature_neg"]), LOSS_CODES[cfg["loss_type"]],
+        cfg["importance_sampling_level"] == "sequence", bool(cfg["use_bias_correction_kl"]),
+    )  # fmt: skip
+
+
+_GRPO_LOSS_OUTPUTS = ("loss", "tokens", "kl", "clip_low", "clip_high", "clip_region", "coef", "dcoef")
+
+
+def grpo_loss_fwd_cuda(logps, old_logps, ref_logps, advantages, mask, cfg) -> dict[str, torch.Tensor]:
+    """posttrain::grpo_loss_fwd with the contract of posttrain.kernels.grpo.grpo_loss_fwd."""
+    old_logps = old_logps if old_logps is not None else logps
+    ref_logps = ref_logps if cfg["beta"] != 0.0 else None
+    outs = torch.ops.posttrain.grpo_loss_fwd(logps, old_logps, ref_logps, advantages, mask, *_grpo_scalars(cfg))
+    out = dict(zip(_GRPO_LOSS_OUTPUTS, outs))
+    if ref_logps is None:
+        del out["kl"]
+    if cfg["importance_sampling_level"] != "sequence":
+        del out["coef"], out["dcoef"]
+    return out
+
+
+def grpo_loss_bwd_cuda(logps, old_logps, ref_logps, advantages, mask, grad_rows, saved, cfg) -> torch.Tensor:
+    """posttrain::grpo_loss_bwd with the contract of posttrain.kernels.grpo.grpo_loss_bwd."""
+    old_logps = old_logps if old_logps is not None else logps
+    ref_logps = ref_logps if cfg["beta"] != 0.0 else None
+    tokens = saved["tokens"]
+    dlogps = torch.ops.posttrain.grpo_loss_bwd(
+        logps, old_logps, ref_logps, advantages, mask, grad_rows, tokens, saved.get("coef", tokens),
+        saved.get("dcoef", tokens), *_grpo_scalars(cfg),
+    )  # fmt: skip
+    return dlogps.to(logps.dtype)
+
+
+def grpo_advantages_cuda(rewards, weights, num_generations, scale_rewards, normalize_then_sum, return_std):
+    """posttrain::grpo_advantages with the contract of posttrain.kernels.grpo.grpo_advantages_fwd."""
+    from posttrain.kernels.grpo import SCALE_CODES
+
+    advantages, std = torch.ops.posttrain.grpo_advantages(
+        rewards, weights, num_generations, SCALE_CODES[scale_rewards], normalize_then_sum, return_std
+    )
+    return advantages, std if return_std else None
+
+
+def _register_grpo_fakes() -> None:
+    @torch.library.register_fake("posttrain::grpo_advantages")
+    def _(rewards, weights, num_generations, scale, normalize_then_sum, return_std):
+        batch = rewards.shape[0]
+        return rewards.new_empty(batch, dtype=torch.float32), rewards.new_empty(
+            batch if return_std else 0, dtype=torch.float32
+        )
+
+    @torch.library.register_fake("posttrain::grpo_loss_fwd")
+    def _(logps, old_logps, ref_logps, advantages, mask, *options):
+        return [logps.new_empty(logps.shape[0], dtype=torch.float32) for _ in _GRPO_LOSS_OUTPUTS]
+
+    @torch.library.register_fake("posttrain::grpo_loss_bwd")
+    def _(logps, old_logps, ref_logps, advantages, mask, grad_rows, tokens, coef, dcoef, *options):
+        return logps.new_empty(logps.shape, dtype=torch.float32)

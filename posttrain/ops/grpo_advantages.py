@@ -152,7 +152,8 @@ def grpo_advantages(
         multi_objective_aggregation: "sum_then_normalize" or "normalize_then_sum".
         return_std: also return the [B] std behind each advantage (TRL's `std_rewards`, whose zeros it logs as
             frac_reward_zero_std); with scale_rewards="none" it is the group std that would have been used.
-        impl: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch), "triton" or "torch".
+        impl: "auto" (the fastest available on CUDA: Triton or the CUDA extension; Triton under TRITON_INTERPRET=1;
+            else torch), "triton", "cuda" (csrc/, when built) or "torch".
 
     Returns:
         float32 advantages [B] (float64 for float64 rewards with impl="torch"/"auto"), or (advantages, std).
@@ -165,14 +166,17 @@ def grpo_advantages(
     scale_rewards = _resolve_scale_rewards(scale_rewards)
     weights = _check_inputs(rewards, num_generations, reward_weights, multi_objective_aggregation)
     impl = "torch" if rewards.dtype == torch.float64 and impl == "auto" else impl
-    impl = resolve_impl(impl, rewards.device)
+    impl = resolve_impl(impl, rewards.device, ("auto", "triton", "cuda", "torch"), op="grpo_advantages")
     normalize_then_sum = multi_objective_aggregation == "normalize_then_sum"
     if impl == "torch":
         return grpo_advantages_ref(
             rewards, num_generations, reward_weights=weights, scale_rewards=scale_rewards,
             multi_objective_aggregation=multi_objective_aggregation, return_std=return_std,
         )  # fmt: skip
-    from posttrain.kernels.grpo import grpo_advantages_fwd
+    if impl == "cuda":
+        from ._cuda import grpo_advantages_cuda as grpo_advantages_fwd
+    else:
+        from posttrain.kernels.grpo import grpo_advantages_fwd
 
     if weights is None:
         weights = torch.ones(rewards.shape[1], dtype=torch.float32, device=rewards.device)

@@ -206,19 +206,30 @@ def grpo_loss_ref(
     return (loss, metrics) if return_metrics else loss
 
 
-class GRPOLossFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels (posttrain.kernels.grpo) for the per-sequence part of the loss.
+def _launchers(impl: str):
+    """(forward, backward) launchers of the per-sequence loss kernels: Triton's, or the CUDA extension's."""
+    if impl == "cuda":
+        from ._cuda import grpo_loss_bwd_cuda, grpo_loss_fwd_cuda
 
-    forward(logps, old_logps, ref_logps, advantages, mask, cfg) returns float32 [B] tensors (row_loss, tokens, kl or
+        return grpo_loss_fwd_cuda, grpo_loss_bwd_cuda
+    from posttrain.kernels.grpo import grpo_loss_bwd, grpo_loss_fwd
+
+    return grpo_loss_fwd, grpo_loss_bwd
+
+
+class GRPOLossFunction(torch.autograd.Function):
+    """Autograd wrapper of the kernels (posttrain.kernels.grpo, or csrc/ with impl="cuda") for the per-sequence part
+    of the loss.
+
+    forward(logps, old_logps, ref_logps, advantages, mask, cfg, impl) returns float32 [B] tensors (row_loss, tokens, kl or
     None, clip_low, clip_high, clip_region): row_loss[b] = sum_t mask[b, t] * per-token loss[b, t] is differentiable
     with respect to logps; the rest are statistics. cfg is the dict of loss options (see grpo_loss_fwd).
     """
 
     @staticmethod
-    def forward(ctx, logps, old_logps, ref_logps, advantages, mask, cfg):
-        from posttrain.kernels.grpo import grpo_loss_fwd
-
-        out = grpo_loss_fwd(logps, old_logps, ref_logps, advantages, mask, cfg)
+    def forward(ctx, logps, old_logps, ref_logps, advantages, mask, cfg, impl="triton"):
+        forward_launcher, ctx.backward_launcher = _launchers(impl)
+        out = forward_launcher(logps, old_logps, ref_logps, advantages, mask, cfg)
         saved = (out["tokens"], out.get("coef"), out.get("dcoef"))
         ctx.save_for_backward(logps, old_logps, ref_logps, advantages, mask, *saved)
         ctx.cfg = cfg
@@ -228,16 +239,14 @@ class GRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, *_):
-        from posttrain.kernels.grpo import grpo_loss_bwd
-
         logps, old_logps, ref_logps, advantages, mask, tokens, coef, dcoef = ctx.saved_tensors
         if grad_rows is None or not ctx.needs_input_grad[0]:
-            return (None,) * 6
+            return (None,) * 7
         saved = {"tokens": tokens, **({"coef": coef, "dcoef": dcoef} if coef is not None else {})}
-        grad = grpo_loss_bwd(
+        grad = ctx.backward_launcher(
             logps, old_logps, ref_logps, advantages, mask, grad_rows.float().contiguous(), saved, ctx.cfg
         )
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _check_number(name, value, positive=False):
@@ -334,7 +343,8 @@ def grpo_loss(
             passes num_items_in_batch / num_processes * gradient_accumulation_steps / steps_per_generation here.
         return_metrics: also return a GRPOLossMetrics (per-sequence KL and clip counts; `.logs(loss_type)` gives TRL's
             logged values).
-        impl: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch), "triton" or "torch".
+        impl: "auto" (the fastest available on CUDA: Triton or the CUDA extension; Triton under TRITON_INTERPRET=1;
+            else torch), "triton", "cuda" (csrc/, when built) or "torch".
 
     Returns:
         The float32 scalar loss (float64 for float64 logps with impl="torch"/"auto"), differentiable with respect to
@@ -355,7 +365,7 @@ def grpo_loss(
     )  # fmt: skip
     _check_inputs(logps, old_logps, ref_logps, advantages, mask, cfg, max_completion_length, num_items)
     impl = "torch" if logps.dtype == torch.float64 and impl == "auto" else impl
-    impl = resolve_impl(impl, logps.device)
+    impl = resolve_impl(impl, logps.device, ("auto", "triton", "cuda", "torch"), op="grpo_loss")
     if impl == "torch" or logps.numel() == 0:
         return grpo_loss_ref(
             logps, old_logps, advantages, mask, ref_logps=ref_logps if cfg["beta"] != 0.0 else None, beta=beta,
@@ -366,9 +376,9 @@ def grpo_loss(
             return_metrics=return_metrics,
         )  # fmt: skip
     if logps.dtype == torch.float64:
-        raise TypeError("impl='triton' supports float32, bfloat16 and float16; logps is float64 (use impl='torch')")
+        raise TypeError(f"impl={impl!r} supports float32, bfloat16 and float16; logps is float64 (use impl='torch')")
     ref_logps = ref_logps if cfg["beta"] != 0.0 else None
-    row_loss, tokens, kl, *clips = GRPOLossFunction.apply(logps, old_logps, ref_logps, advantages, mask, cfg)
+    row_loss, tokens, kl, *clips = GRPOLossFunction.apply(logps, old_logps, ref_logps, advantages, mask, cfg, impl)
     loss = _aggregate(row_loss, tokens, loss_type, max_completion_length, num_items)
     if not return_metrics:
         return loss

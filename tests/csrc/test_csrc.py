@@ -111,3 +111,70 @@ def test_gpu_selective_log_softmax_opcheck():
     logits = torch.randn(7, 333, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     targets = torch.randint(0, 333, (7,), device="cuda")
     torch.library.opcheck(ops.selective_log_softmax_fwd, (logits, targets, 0.8, -100, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+@pytest.mark.parametrize("num_generations", [2, 8, 40])
+def test_gpu_grpo_advantages_cuda_matches_references(scale_rewards, aggregation, num_generations):
+    from posttrain.ops import grpo_advantages
+
+    _cuda_ops()
+    rewards = torch.randn(num_generations * 13, 3, device="cuda") * 4
+    rewards[torch.rand_like(rewards) < 0.2] = float("nan")
+    rewards[:num_generations] = float("nan")  # a group without any reward
+    kwargs = dict(reward_weights=torch.tensor([1.0, 0.5, 2.0], device="cuda"), scale_rewards=scale_rewards,
+                  multi_objective_aggregation=aggregation, return_std=True)  # fmt: skip
+    exact = grpo_advantages(rewards.double(), num_generations, impl="torch", **kwargs)
+    for impl in ("cuda", "triton"):
+        adv, std = grpo_advantages(rewards, num_generations, impl=impl, **kwargs)
+        torch.testing.assert_close(adv.double(), exact[0], rtol=1e-5, atol=1e-5, msg=impl)
+        torch.testing.assert_close(std.double(), exact[1], rtol=1e-5, atol=1e-5, equal_nan=True, msg=impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_gpu_grpo_loss_cuda_matches_references(loss_type, level, beta):
+    from posttrain.ops import grpo_loss
+
+    _cuda_ops()
+    B, T = 6, 37
+    logps64 = (-torch.rand(B, T, device="cuda", dtype=torch.float64) * 3).requires_grad_()
+    old = logps64.detach() + 0.3 * torch.randn(B, T, device="cuda", dtype=torch.float64)
+    ref = logps64.detach() + 0.3 * torch.randn(B, T, device="cuda", dtype=torch.float64)
+    adv = torch.randn(B, device="cuda", dtype=torch.float64)
+    mask = torch.rand(B, T, device="cuda") > 0.2
+    mask[1] = False
+    kwargs = dict(ref_logps=ref, beta=beta, loss_type=loss_type, importance_sampling_level=level,
+                  max_completion_length=T, delta=1.5 if loss_type == "grpo" else None, return_metrics=True)  # fmt: skip
+
+    def run(impl, dtype):
+        logps = logps64.detach().to(dtype).requires_grad_() if dtype != torch.float64 else logps64
+        loss, metrics = grpo_loss(logps, old.to(dtype), adv.to(dtype), mask, impl=impl,
+                                  **{**kwargs, "ref_logps": ref.to(dtype)})  # fmt: skip
+        (grad,) = torch.autograd.grad(loss, logps)
+        return loss, grad, metrics
+
+    exact = run("torch", torch.float64)
+    for impl in ("cuda", "triton"):
+        loss, grad, metrics = run(impl, torch.float32)
+        torch.testing.assert_close(loss.double(), exact[0], rtol=1e-5, atol=1e-6, msg=f"{impl} loss")
+        torch.testing.assert_close(grad.double(), exact[1], rtol=1e-4, atol=1e-6, msg=f"{impl} grad")
+        assert metrics.logs(loss_type).keys() == exact[2].logs(loss_type).keys()
+        for name, value in metrics.logs(loss_type).items():
+            torch.testing.assert_close(value.double(), exact[2].logs(loss_type)[name].double(), rtol=1e-5, atol=1e-6,
+                                       equal_nan=True, msg=f"{impl} {name}")  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_gpu_grpo_opcheck():
+    ops = _cuda_ops()
+    rewards = torch.randn(8, 2, device="cuda")
+    torch.library.opcheck(ops.grpo_advantages, (rewards, torch.ones(2, device="cuda"), 4, 1, False, True))
+    logps = -torch.rand(3, 5, device="cuda")
+    args = (logps, logps + 0.1, None, torch.randn(3, device="cuda"), torch.ones(3, 5, device="cuda"), 0.0, 0.2, 0.28,
+            None, 1.0, 1.05, 0, False, True)  # fmt: skip
+    torch.library.opcheck(ops.grpo_loss_fwd, args)

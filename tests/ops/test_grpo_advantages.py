@@ -241,5 +241,5 @@ def test_bad_inputs():
         grpo_advantages(rewards, 3, scale_rewards="groups")
     with pytest.raises(ValueError, match="multi_objective_aggregation 'sum' is not one of: sum_then_normalize, norm"):
         grpo_advantages(rewards, 3, multi_objective_aggregation="sum")
-    with pytest.raises(ValueError, match="impl 'cuda' is not one of"):
-        grpo_advantages(rewards, 3, impl="cuda")
+    with pytest.raises(ValueError, match="impl 'cudnn' is not one of: auto, triton, cuda, torch"):
+        grpo_advantages(rewards, 3, impl="cudnn")

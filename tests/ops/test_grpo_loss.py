@@ -340,7 +340,7 @@ def test_bad_inputs():
         (dict(ref_logps=ref[:, :3], beta=0.1), ValueError, "ref_logps has shape \\(4, 3\\), expected \\(4, 5\\)"),
         (dict(epsilon_high=math.nan), ValueError, "epsilon_high must be a finite number, got nan"),
         (dict(sapo_temperature_neg=0.0), ValueError, "sapo_temperature_neg must be > 0, got 0.0"),
-        (dict(impl="cuda"), ValueError, "impl 'cuda' is not one of"),
+        (dict(impl="cudnn"), ValueError, "impl 'cudnn' is not one of: auto, triton, cuda, torch"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
