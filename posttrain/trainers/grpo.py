@@ -1,0 +1,854 @@
+"""GRPOTrainer: TRL 1.16's GRPO (same arguments, metrics and losses) on posttrain's fused log-prob, advantage and
+loss kernels."""
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import time
+import warnings
+from collections import defaultdict, deque
+from typing import ClassVar
+
+import torch
+from accelerate.utils import gather, gather_object, is_peft_model, set_seed
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    TrainerCallback,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from posttrain.configs.grpo import GRPOConfig
+from posttrain.data.common import is_conversational, pad
+from posttrain.data.grpo import RepeatSampler, check_prompt_dataset, shuffle_batch, split_batch, tokenize_prompts
+from posttrain.models.lm_head import add_fused_logprob_head
+from posttrain.models.loading import apply_peft, create_model, disable_dropout, load_processing_class, resolve_model
+from posttrain.ops.grpo_advantages import grpo_advantages
+from posttrain.ops.grpo_loss import grpo_loss
+from posttrain.rewards.registry import resolve_reward_func
+from posttrain.rewards.scoring import reward_func_name, reward_model_scores, score_completions
+
+from .base import PosttrainTrainer
+from .generation import TransformersGeneration, VLLMColocateGeneration, no_grad_without_checkpointing
+
+# Loss types whose normalizer already spans the accumulated batch (TRL's num_items_in_batch)
+TOKEN_NORMALIZED_LOSSES = ("dapo", "cispo")
+ENTROPY_STATE_FILE = "entropy_ctrl_state.json"
+
+
+def _keep_examples(batch: list[dict]) -> list[dict]:
+    """The data collator: GRPO works on the raw examples (prompts are tokenized after sampling)."""
+    return batch
+
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    """Bessel-corrected std of the non-NaN elements (NaN with fewer than two)."""
+    values = x[~torch.isnan(x)]
+    return values.std() if values.numel() > 1 else x.new_tensor(math.nan)
+
+
+class _SyncRefModelCallback(TrainerCallback):
+    """Every ref_model_sync_steps optimizer steps: ref = alpha * policy + (1 - alpha) * ref (TR-DPO)."""
+
+    def __init__(self, ref_model, accelerator):
+        self.ref_model = ref_model
+        self.accelerator = accelerator
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % args.ref_model_sync_steps != 0:
+            return
+        ref = self.accelerator.unwrap_model(self.ref_model)
+        for ref_param, param in zip(ref.parameters(), self.accelerator.unwrap_model(model).parameters()):
+            ref_param.mul_(1.0 - args.ref_model_mixup_alpha).add_(param.detach(), alpha=args.ref_model_mixup_alpha)
+
+
+# (field, is it set away from what posttrain supports, why it is not supported)
+_UNSUPPORTED = (
+    ("loss_type", lambda a: a.loss_type == "vespo", "posttrain.ops.grpo_loss has no VESPO weighting yet"),
+    ("top_entropy_quantile", lambda a: a.top_entropy_quantile < 1.0,
+     "masking the policy term (but not the KL) per token needs per-token policy weights in posttrain.ops.grpo_loss"),
+    ("off_policy_mask_threshold", lambda a: a.off_policy_mask_threshold is not None,
+     "masking the policy term (but not the KL) per sequence needs policy weights in posttrain.ops.grpo_loss"),
+    ("use_transformers_continuous_batching", lambda a: a.use_transformers_continuous_batching,
+     "generation uses model.generate; continuous batching is not wired in"),
+    ("cast_lm_head_to_fp32", lambda a: a.cast_lm_head_to_fp32,
+     "keeping (and training) the LM head in float32 is not implemented; the fused kernel accumulates in float32"),
+    ("log_completions_hub_repo", lambda a: a.log_completions_hub_repo is not None,
+     "completions are written to output_dir/completions only"),
+    ("vllm_mode", lambda a: a.use_vllm and a.vllm_mode == "server", "only vllm_mode='colocate' is implemented"),
+    ("vllm_tensor_parallel_size", lambda a: a.use_vllm and a.vllm_tensor_parallel_size != 1,
+     "the colocated engine runs with tensor_parallel_size=1"),
+    ("vllm_enable_sleep_mode", lambda a: a.use_vllm and a.vllm_enable_sleep_mode, "sleep mode is not implemented"),
+    ("vllm_structured_outputs_regex", lambda a: a.use_vllm and a.vllm_structured_outputs_regex is not None,
+     "structured outputs are not implemented"),
+    ("vllm_importance_sampling_correction", lambda a: a.use_vllm and a.vllm_importance_sampling_correction,
+     ("weighting the policy term by the vLLM importance ratio needs per-token policy weights in "
+      "posttrain.ops.grpo_loss; set vllm_importance_sampling_correction=False to sample with vLLM uncorrected")),
+)  # fmt: skip
+
+
+def _check_supported(args: GRPOConfig, **trainer_args) -> None:
+    if args.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise ImportError("use_vllm=True but vllm is not installed: pip install 'posttrain[vllm]'")
+    for name, value in trainer_args.items():
+        if value:
+            raise NotImplementedError(
+                f"{name} (tool use / custom rollouts) is not supported by posttrain's GRPOTrainer"
+            )
+    for name, is_set, reason in _UNSUPPORTED:
+        if is_set(args):
+            raise NotImplementedError(
+                f"{name}={getattr(args, name)!r} is not supported by posttrain's GRPOTrainer: {reason}"
+            )
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise NotImplementedError("DeepSpeed ZeRO-3 is not supported by posttrain's GRPOTrainer; use ZeRO-2 or FSDP2")
+    if args.max_tool_calling_iterations is not None:
+        warnings.warn(f"max_tool_calling_iterations={args.max_tool_calling_iterations} has no effect without tools",
+                      stacklevel=3)  # fmt: skip
+
+
+def _warn_loss_setup(args: GRPOConfig) -> None:
+    if args.loss_type == "luspo" and args.importance_sampling_level != "sequence":
+        warnings.warn("loss_type='luspo' is meant for importance_sampling_level='sequence' (as in the LUSPO paper)",
+                      stacklevel=3)  # fmt: skip
+    if args.importance_sampling_level == "sequence" and args.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        warnings.warn(
+            f"importance_sampling_level='sequence' with loss_type={args.loss_type!r} sums per-token terms, weighting "
+            "each sequence by its length; GSPO's per-sequence objective is loss_type='grpo'",
+            stacklevel=3,
+        )
+
+
+class GRPOTrainer(PosttrainTrainer):
+    """Group Relative Policy Optimization, a drop-in for TRL 1.16's `GRPOTrainer`.
+
+    For each prompt, `num_generations` completions are sampled (transformers' `generate`, or a colocated vLLM engine);
+    every reward function scores them; advantages are the rewards normalized within each prompt's group
+    (`posttrain.ops.grpo_advantages`); the policy is trained on the clipped importance-weighted objective
+    (`posttrain.ops.grpo_loss`). Log-probs (at GRPO's temperature) and entropies come from the fused LM-head kernel:
+    no [batch, length, vocab] logits in the training step or in the old / reference log-prob passes. With
+    args.use_fused_kernels=False, log-probs, advantages and loss all take the plain PyTorch paths (same numbers).
+
+    Args:
+        model: a hub id or local path (loaded with args.model_init_kwargs), or a causal LM instance (PEFT ok).
+        reward_funcs: one reward source or a list. Each is a function f(prompts, completions, completion_ids,
+            **columns) -> list[float | None] (columns: the dataset's other columns, plus trainer_state, log_extra and
+            log_metric; async functions run concurrently); a sequence-classification reward model (instance, or a
+            path / hub id loaded with num_labels=1); or a string naming a built-in reward function
+            ("accuracy_reward", "think_format_reward", "soft_overlong_punishment") or a dotted import path.
+        args: a posttrain GRPOConfig (default: GRPOConfig("<model name>-GRPO")); a trl.GRPOConfig is rejected.
+        train_dataset / eval_dataset: datasets.Dataset with a "prompt" column, standard (strings) or conversational
+            (lists of messages; completions are then [{"role": "assistant", "content": ...}]).
+        processing_class: the tokenizer (default: the model's). reward_processing_classes: tokenizers of the reward
+            models, one per reward source (None entries: loaded from the reward model's path).
+        callbacks, optimizers: as transformers.Trainer. quantization_config: added to model_init_kwargs.
+        peft_config: wraps the model with an adapter; with beta != 0 the reference is the model with adapters off.
+        tools, rollout_func, environment_factory: accepted for signature compatibility; not supported (error if set).
+
+    Not supported (NotImplementedError when set): loss_type="vespo", top_entropy_quantile < 1,
+    off_policy_mask_threshold, vLLM importance-sampling correction / server mode / tensor parallelism / sleep mode,
+    continuous batching, cast_lm_head_to_fp32, vision-language processors, IterableDataset, DeepSpeed ZeRO-3, MoE
+    auxiliary loss.
+
+    Logged (TRL's names): reward, reward_std, rewards/<name>/mean and /std, frac_reward_zero_std, kl (beta != 0),
+    entropy, clip_ratio/low_mean, /low_min, /high_mean, /high_max, /region_mean (cispo: cispo_clip_ratio),
+    completions/mean_length, /min_length, /max_length, /clipped_ratio, /mean_terminated_length,
+    /min_terminated_length, /max_terminated_length, num_tokens, step_time, and policy_loss / entropy_coef with an
+    entropy bonus.
+
+    Example:
+        >>> from posttrain import GRPOTrainer
+        >>> from posttrain.rewards import accuracy_reward
+        >>> trainer = GRPOTrainer(model="Qwen/Qwen2-0.5B-Instruct", reward_funcs=accuracy_reward, train_dataset=dataset)
+        >>> trainer.train()
+    """
+
+    loss_is_scaled_for_ga = True
+    _tag_names: ClassVar[list[str]] = ["posttrain", "grpo"]
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: GRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+    ):
+        args = self._resolve_args(model, args)
+        _check_supported(args, tools=tools, rollout_func=rollout_func, environment_factory=environment_factory)
+        _warn_loss_setup(args)
+        set_seed(args.seed)  # before building the model: PEFT initializes its adapter randomly
+        model = self._load_policy(model, args, quantization_config)
+        processing_class = self._setup_tokenizer(model, processing_class)
+        model = self._wrap_peft(model, peft_config, args)
+        self._check_moe(model, args)
+        self.reward_funcs, self.reward_func_names = self._load_reward_funcs(reward_funcs, args)
+        self.reward_weights = self._reward_weights(args)
+        self.reward_processing_classes = self._reward_tokenizers(reward_processing_classes, args)
+        self._check_datasets(train_dataset, eval_dataset, args)
+
+        self.num_generations = args.num_generations
+        self.num_generations_eval = args.num_generations_eval or args.num_generations
+        self.num_iterations = args.num_iterations
+        self.epsilon_low = args.epsilon
+        self.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        self.beta = args.beta
+        self.entropy_coef = args.entropy_coef
+        self._entropy_bonus_enabled = args.entropy_coef != 0.0 or args.use_adaptive_entropy
+        self._last_world_entropy = math.inf  # no bonus until the first optimizer step measured the entropy
+        self._entropy_window = None
+        self._step = 0  # micro-steps (one per training_step call), across gradient accumulation
+        self._buffered_inputs = None
+        self._step_time = 0.0
+
+        super().__init__(
+            model=model, args=args, data_collator=_keep_examples, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
+        )  # fmt: skip
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"GRPOTrainer does not support nn.DataParallel ({args.n_gpu} GPUs visible to one process): launch "
+                "with accelerate launch / torchrun, or make one GPU visible with CUDA_VISIBLE_DEVICES"
+            )
+        self.ref_model = self._build_ref_model(args)
+        self._patch_heads(args)
+        self._ops_impl = "auto" if args.use_fused_kernels else "torch"
+        self._logs = self._empty_completion_logs(args.generation_batch_size)
+        self._pending_extra_logs = defaultdict(list)
+        self._pending_metrics = defaultdict(list)
+
+        set_seed(args.seed, device_specific=True)  # processes must not sample identical completions
+        self._generation = TransformersGeneration(args, self._tokenizer, self.eos_token_ids)
+        self._vllm = None
+        if args.use_vllm:
+            if is_peft_model(self.model):
+                raise NotImplementedError("use_vllm=True with a PEFT model is not supported by posttrain's GRPOTrainer")
+            self._vllm = VLLMColocateGeneration(self.accelerator.unwrap_model(self.model), args, self.accelerator)
+        self.model.add_model_tags(self._tag_names)
+        self._prepare_side_models(args)
+        if args.log_completions:
+            self._check_completion_logging(args)
+
+    # ---- construction ----
+
+    @staticmethod
+    def _resolve_args(model, args) -> GRPOConfig:
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            return GRPOConfig(f"{name.split('/')[-1]}-GRPO")
+        if not isinstance(args, GRPOConfig):
+            raise TypeError(f"args must be a posttrain GRPOConfig, got {type(args).__module__}.{type(args).__name__}")
+        return args
+
+    @staticmethod
+    def _model_init_kwargs(args, quantization_config=None) -> dict:
+        kwargs = dict(args.model_init_kwargs or {})
+        if quantization_config is not None:
+            if "quantization_config" in kwargs:
+                raise ValueError("quantization_config is given both to the trainer and in args.model_init_kwargs")
+            kwargs["quantization_config"] = quantization_config
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            kwargs["device_map"] = None  # "auto" would spread one process's model over every GPU
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        return kwargs
+
+    def _load_policy(self, model, args, quantization_config):
+        if isinstance(model, str):
+            return resolve_model(model, self._model_init_kwargs(args, quantization_config))
+        if quantization_config is not None:
+            raise ValueError("quantization_config only applies when model is a string (a hub id or a path)")
+        return resolve_model(model, args.model_init_kwargs)
+
+    def _setup_tokenizer(self, model, processing_class):
+        if processing_class is None:
+            processing_class = load_processing_class(model)
+        if isinstance(processing_class, ProcessorMixin):
+            raise NotImplementedError(
+                f"processing_class is a {type(processing_class).__name__} (a multimodal processor): posttrain's "
+                "GRPOTrainer trains text-only models; pass the tokenizer"
+            )
+        if not isinstance(processing_class, PreTrainedTokenizerBase):
+            raise TypeError(f"processing_class must be a tokenizer, got {type(processing_class).__name__}")
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        self._tokenizer = processing_class
+        model.config.get_text_config().pad_token_id = processing_class.pad_token_id
+        model.generation_config.pad_token_id = processing_class.pad_token_id
+        # every eos id the model declares ends a completion (e.g. an end-of-turn token), plus the tokenizer's
+        declared = model.generation_config.eos_token_id
+        declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+        tokenizer_eos = processing_class.eos_token_id
+        self.eos_token_ids = declared if tokenizer_eos in declared else [tokenizer_eos, *declared]
+        for attribute in ("response_template", "response_schema"):
+            if getattr(processing_class, attribute, None) is not None:
+                warnings.warn(
+                    f"the tokenizer has a {attribute}: TRL parses conversational completions with it, posttrain "
+                    "decodes them as plain text (the assistant message's content)",
+                    stacklevel=3,
+                )
+        return processing_class
+
+    @staticmethod
+    def _wrap_peft(model, peft_config, args):
+        if peft_config is not None:
+            if is_peft_model(model):
+                raise ValueError(
+                    "model is already a PeftModel and peft_config is given: merge and unload the adapter first, or "
+                    "pass no peft_config"
+                )
+            model = apply_peft(model, peft_config)
+        elif is_peft_model(model) and args.beta != 0.0:
+            warnings.warn(
+                "beta != 0 with an already-wrapped PeftModel: the reference log-probs come from the model with its "
+                "adapters disabled (TRL copies the initial adapter as the reference instead)",
+                stacklevel=3,
+            )
+        if is_peft_model(model):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+                raise ValueError(
+                    "a PEFT adapter on lm_head is not supported: the fused head reads lm_head.weight directly, so the "
+                    "adapter would never be trained; remove 'lm_head' from target_modules"
+                )
+            if args.gradient_checkpointing:
+                model.enable_input_require_grads()
+        return model
+
+    @staticmethod
+    def _check_moe(model, args):
+        text_config = model.config.get_text_config()
+        coef = args.router_aux_loss_coef
+        if coef and not hasattr(text_config, "output_router_logits"):
+            raise ValueError(
+                f"router_aux_loss_coef={coef} but {type(model).__name__} is not a mixture-of-experts model that "
+                "returns router logits"
+            )
+        effective = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
+        if hasattr(text_config, "output_router_logits") and effective:
+            raise NotImplementedError(
+                f"{type(model).__name__} is a mixture-of-experts model whose load-balancing loss (coefficient "
+                f"{effective}) posttrain's fused head does not return yet: set router_aux_loss_coef=0.0 to train "
+                "without it"
+            )
+
+    def _load_reward_funcs(self, reward_funcs, args) -> tuple[list, list[str]]:
+        if reward_funcs is None or (isinstance(reward_funcs, list) and not reward_funcs):
+            raise ValueError("reward_funcs is required: a reward function, a reward model, or a list of them")
+        funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        for i, func in enumerate(funcs):
+            if isinstance(func, str):
+                named = resolve_reward_func(func, max_completion_len=args.max_completion_length)
+                funcs[i] = named if named is not None else self._load_reward_model(func, args)
+            elif not (isinstance(func, torch.nn.Module) or callable(func)):
+                raise TypeError(
+                    f"reward_funcs[{i}] must be a callable, a reward model or a string, got {type(func).__name__}"
+                )
+        return funcs, [reward_func_name(f) for f in funcs]
+
+    def _load_reward_model(self, path: str, args):
+        kwargs = {"device_map": None, **self._model_init_kwargs(args), "num_labels": 1}
+        try:
+            return create_model(path, kwargs, architecture=AutoModelForSequenceClassification)
+        except OSError as err:
+            raise ValueError(
+                f"reward function {path!r} is not a built-in reward name, an importable dotted path, nor a loadable "
+                f"reward model: {err}"
+            ) from err
+
+    def _reward_weights(self, args) -> torch.Tensor:
+        if args.reward_weights is None:
+            return torch.ones(len(self.reward_funcs), dtype=torch.float32)
+        if len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(args.reward_weights)} weights but there are {len(self.reward_funcs)} "
+                f"reward functions ({', '.join(self.reward_func_names)})"
+            )
+        return torch.tensor(args.reward_weights, dtype=torch.float32)
+
+    def _reward_tokenizers(self, classes, args) -> list:
+        n = len(self.reward_funcs)
+        classes = [None] * n if classes is None else list(classes) if isinstance(classes, (list, tuple)) else [classes]
+        if len(classes) != n:
+            raise ValueError(f"reward_processing_classes has {len(classes)} entries for {n} reward functions")
+        for i, func in enumerate(self.reward_funcs):
+            if not isinstance(func, torch.nn.Module):
+                continue
+            if classes[i] is None:
+                classes[i] = AutoTokenizer.from_pretrained(
+                    func.config._name_or_path, trust_remote_code=args.trust_remote_code
+                )
+            if classes[i].pad_token_id is None:
+                classes[i].pad_token = classes[i].eos_token
+            # the reward model scores the last non-pad token, so it must know the pad id
+            func.config.get_text_config().pad_token_id = classes[i].pad_token_id
+        return classes
+
+    @staticmethod
+    def _check_datasets(train_dataset, eval_dataset, args):
+        if train_dataset is None:
+            raise ValueError("train_dataset is required (a datasets.Dataset with a 'prompt' column)")
+        check_prompt_dataset(train_dataset, "train_dataset", args.generation_batch_size // args.num_generations)
+        evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
+        for name, dataset in evals:
+            if dataset is not None:
+                check_prompt_dataset(dataset, name if name == "eval_dataset" else f"eval_dataset[{name!r}]", 1)
+
+    def _build_ref_model(self, args):
+        if args.beta == 0.0 or is_peft_model(self.model):
+            if args.sync_ref_model:
+                raise ValueError(
+                    "sync_ref_model=True needs a reference model, which GRPOTrainer builds only with beta != 0 and "
+                    "without PEFT (there, the reference is the model with its adapters disabled)"
+                )
+            return None
+        # A copy of the initial policy (TRL reloads it from the model's path: the same weights)
+        ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        ref_model.requires_grad_(False)
+        return ref_model
+
+    def _patch_heads(self, args):
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        options = {"temperature": args.temperature, "use_fused_kernels": args.use_fused_kernels}
+        add_fused_logprob_head(policy, entropy=True, **options)
+        if self.ref_model is not None:
+            add_fused_logprob_head(self.ref_model, **options)
+        if args.disable_dropout:
+            disable_dropout(self.model)
+            if self.ref_model is not None:
+                disable_dropout(self.ref_model)
+
+    def _prepare_side_models(self, args):
+        if self.ref_model is not None:
+            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+            if args.sync_ref_model:
+                self.add_callback(_SyncRefModelCallback(self.ref_model, self.accelerator))
+        for i, func in enumerate(self.reward_funcs):
+            if isinstance(func, torch.nn.Module):
+                self.reward_funcs[i] = self.accelerator.prepare_model(func, evaluation_mode=True, device_placement=True)
+
+    def _check_completion_logging(self, args):
+        backends = [name for name in ("wandb", "trackio") if name in (args.report_to or [])]
+        if backends or args.log_unique_prompts:
+            warnings.warn(
+                f"log_completions writes output_dir/completions/*.parquet and prints the samples; posttrain does not "
+                f"send the completions table to {', '.join(backends) or 'a logging backend'} (so log_unique_prompts "
+                "has no effect)",
+                stacklevel=3,
+            )
+        if self.accelerator.is_main_process:
+            os.makedirs(os.path.join(args.output_dir, "completions"), exist_ok=True)
+
+    @staticmethod
+    def _empty_completion_logs(size: int) -> dict:
+        return {
+            "prompt": deque(maxlen=size),
+            "completion": deque(maxlen=size),
+            "rewards": defaultdict(lambda: deque(maxlen=size)),
+            "advantages": deque(maxlen=size),
+            "extra": defaultdict(lambda: deque(maxlen=size)),
+        }
+
+    # ---- data ----
+
+    def _set_signature_columns_if_needed(self):
+        # with remove_unused_columns=True, only the prompt survives (the model's forward signature is irrelevant)
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def get_train_dataloader(self):
+        # Each loader batch is a whole generation batch of this process: completions are sampled once for all the
+        # steps_per_generation micro-steps it feeds (see _prepare_inputs)
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset=None):
+        return RepeatSampler(
+            dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=self.args.generation_batch_size // self.num_generations,
+            repeat_count=self.num_iterations * self.args.steps_per_generation,
+            shuffle=self.args.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    def _get_eval_sampler(self, eval_dataset):
+        return RepeatSampler(eval_dataset, mini_repeat_count=self.num_generations_eval, seed=self.args.seed)
+
+    def _prepare_inputs(self, generation_batch):
+        if not self.model.training:  # evaluation: one generation per batch, no reuse
+            return self._generate_and_score_completions(generation_batch)
+        steps = self.args.steps_per_generation
+        if self._step % (steps * self.num_iterations) == 0 or self._buffered_inputs is None:
+            scored = shuffle_batch(self._generate_and_score_completions(generation_batch))
+            self._buffered_inputs = split_batch(scored, steps)
+        return self._buffered_inputs[self._step % steps]
+
+    # ---- generation and scoring ----
+
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
+        mode = "train" if self.model.training else "eval"
+        prompts = [example["prompt"] for example in inputs]
+        prompt_ids_list = tokenize_prompts(self.processing_class, prompts, self.args.chat_template_kwargs)
+        completion_ids_list = self._sample(prompt_ids_list)
+        completions = self._decode(prompts, completion_ids_list)
+        is_truncated = self._log_lengths(mode, prompt_ids_list, completion_ids_list)
+
+        prompt_ids, prompt_mask = self._pad_ids(prompt_ids_list, "left")
+        completion_ids, completion_mask = self._pad_ids(completion_ids_list, "right")
+        if self.args.mask_truncated_completions:
+            completion_mask = completion_mask * (~is_truncated).unsqueeze(1).int()
+        batch = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+            "num_items_in_batch": self.accelerator.gather(completion_mask.sum()).sum(),
+        }
+        batch.update(self._reference_logprobs(batch, mode))
+
+        rewards = self._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        advantages = self._advantages(rewards, mode)
+        local = slice(
+            self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts)
+        )
+        batch["advantages"] = advantages[local]
+        self._record_completions(prompts, completions, rewards, advantages, mode)
+        return batch
+
+    def _sample(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        if self._vllm is not None:
+            self._vllm.sync_weights(model, self.state.global_step)
+            return self._vllm.generate(prompt_ids)
+        return self._generation.generate(model, prompt_ids, self.accelerator.device)
+
+    def _decode(self, prompts: list, completion_ids: list[list[int]]) -> list:
+        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        if is_conversational({"prompt": prompts[0]}):
+            return [[{"role": "assistant", "content": text}] for text in texts]
+        return texts
+
+    def _pad_ids(self, ids: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [torch.tensor(x, dtype=torch.long) for x in ids]
+        multiple = self.args.pad_to_multiple_of
+        padded = pad(rows, self._tokenizer.pad_token_id, side, multiple).to(self.accelerator.device)
+        mask = pad([torch.ones_like(r) for r in rows], 0, side, multiple).to(self.accelerator.device)
+        return padded, mask
+
+    def _log_lengths(self, mode, prompt_ids, completion_ids) -> torch.Tensor:
+        """Log TRL's completions/* and num_tokens metrics; returns this process's [B] truncation flags."""
+        device = self.accelerator.device
+        prompt_lengths = self.accelerator.gather(torch.tensor([len(x) for x in prompt_ids], device=device))
+        lengths = self.accelerator.gather(torch.tensor([len(x) for x in completion_ids], device=device)).float()
+        if mode == "train":
+            self.state.num_input_tokens_seen += (prompt_lengths.sum() + lengths.sum()).item()
+        metrics = self._metrics[mode]
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        metrics["completions/mean_length"].append(lengths.mean().item())
+        metrics["completions/min_length"].append(lengths.min().item())
+        metrics["completions/max_length"].append(lengths.max().item())
+        stops = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        is_truncated = torch.tensor([not ids or ids[-1] not in stops for ids in completion_ids], device=device)
+        all_truncated = self.accelerator.gather(is_truncated)
+        metrics["completions/clipped_ratio"].append(all_truncated.float().mean().item())
+        terminated = lengths[~all_truncated] if (~all_truncated).any() else lengths.new_zeros(1)
+        metrics["completions/mean_terminated_length"].append(terminated.mean().item())
+        metrics["completions/min_terminated_length"].append(terminated.min().item())
+        metrics["completions/max_terminated_length"].append(terminated.max().item())
+        return is_truncated
+
+    def _token_logprobs(self, model, input_ids, attention_mask, num_completion_tokens, *, batch_size=None,
+                        entropy=False):  # fmt: skip
+        """Per-token log-probs [B, C] (and entropies) of the last C positions (the completion) under `model`.
+
+        Runs the patched forward (fused LM-head kernel, no full logits) in chunks of `batch_size` rows. As TRL, the
+        model gets the attention mask but no position ids.
+        """
+        C = num_completion_tokens
+        batch_size = batch_size or input_ids.shape[0]
+        logps, entropies = [], []
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, :-C] = -100
+            with self.accelerator.autocast():
+                out = model(input_ids=ids, attention_mask=mask, logprob_labels=labels)
+            logps.append(out.logprobs[:, -C:])
+            if entropy:
+                entropies.append(out.entropy[:, -C:])
+        return torch.cat(logps), (torch.cat(entropies) if entropy else None)
+
+    def _reference_logprobs(self, batch: dict, mode: str) -> dict:
+        """old_per_token_logps (when the batch is reused across optimizer steps) and ref_per_token_logps (beta != 0)."""
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        args = (input_ids, attention_mask, batch["completion_ids"].shape[1])
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        out = {}
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with no_grad_without_checkpointing(unwrapped, self.args.gradient_checkpointing_kwargs):
+            # Unless generation happens exactly at optimizer-step boundaries, the policy has moved since sampling
+            if self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations) != 0:
+                out["old_per_token_logps"] = self._token_logprobs(self.model, *args, batch_size=batch_size)[0]
+            if self.beta != 0.0:
+                if self.ref_model is not None:
+                    out["ref_per_token_logps"] = self._token_logprobs(self.ref_model, *args, batch_size=batch_size)[0]
+                else:
+                    with unwrapped.disable_adapter():
+                        out["ref_per_token_logps"] = self._token_logprobs(self.model, *args, batch_size=batch_size)[0]
+        return out
+
+    def _log_completion_extra(self, column: str, values: list) -> None:
+        """Add a column to the completions log; reward functions get it as the `log_extra` keyword argument."""
+        self._pending_extra_logs[column].extend(values)
+
+    def _log_metric(self, name: str, value: float) -> None:
+        """Log a scalar (averaged per logging step); reward functions get it as the `log_metric` keyword argument."""
+        self._pending_metrics[name].append(value)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids) -> torch.Tensor:
+        """Rewards [B_all, R] of every process's completions (gathered: groups may span processes), NaN for None."""
+        device = self.accelerator.device
+        columns = {key: [x[key] for x in inputs] for key in inputs[0] if key not in ("prompt", "completion",
+                                                                                      "completion_ids")}  # fmt: skip
+        columns.update(trainer_state=self.state, log_extra=self._log_completion_extra, log_metric=self._log_metric)
+
+        def model_scores(i):
+            tokenizer = self.reward_processing_classes[i]
+            if is_conversational({"prompt": prompts[0]}):
+                texts = [
+                    tokenizer.apply_chat_template(p + c, tokenize=False, **(self.args.chat_template_kwargs or {}))
+                    for p, c in zip(prompts, completions)
+                ]
+            else:
+                texts = [p + c for p, c in zip(prompts, completions)]
+            return reward_model_scores(self.reward_funcs[i], tokenizer, texts, device)
+
+        rewards = score_completions(
+            self.reward_funcs, self.reward_func_names, prompts=prompts, completions=completions,
+            completion_ids=completion_ids, columns=columns, model_scores=model_scores, device=device,
+        )  # fmt: skip
+        unscored = torch.isnan(rewards).all(dim=1)
+        if unscored.any():
+            first = int(unscored.nonzero()[0])
+            warnings.warn(
+                f"every reward function returned None for {int(unscored.sum())} of {len(prompts)} completions (e.g. "
+                f"prompt {prompts[first]!r:.200}, completion {completions[first]!r:.200}): they get advantage 0 and "
+                "are left out of the reward statistics",
+                stacklevel=2,
+            )
+        return gather(rewards)
+
+    def _advantages(self, rewards: torch.Tensor, mode: str) -> torch.Tensor:
+        """Advantages [B_all] from the gathered rewards; logs reward, reward_std, rewards/<name>/* and
+        frac_reward_zero_std."""
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        weights = self.reward_weights.to(rewards.device)
+        total = (rewards * weights).nansum(dim=1)
+        total[torch.isnan(rewards).all(dim=1)] = math.nan
+        if G > 1:
+            advantages, std = grpo_advantages(
+                rewards, G, reward_weights=weights, scale_rewards=self.args.scale_rewards,
+                multi_objective_aggregation=self.args.multi_objective_aggregation, return_std=True,
+                impl=self._ops_impl,
+            )  # fmt: skip
+        else:  # evaluation with num_generations_eval=1: a group of one has no baseline, every advantage is 0
+            advantages, std = torch.zeros_like(total), torch.zeros_like(total)
+            if self.args.scale_rewards == "batch" and self.args.multi_objective_aggregation == "sum_then_normalize":
+                std = _nanstd(total).expand_as(total)
+        metrics = self._metrics[mode]
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards[:, i]).item())
+            metrics[f"rewards/{name}/std"].append(_nanstd(rewards[:, i]).item())
+        metrics["reward"].append(torch.nanmean(total).item())
+        metrics["reward_std"].append(_nanstd(total).item())
+        metrics["frac_reward_zero_std"].append(torch.isclose(std, torch.zeros_like(std)).float().mean().item())
+        return advantages
+
+    def _record_completions(self, prompts, completions, rewards, advantages, mode):
+        """Keep the latest samples for log_completions; flush what reward functions logged through log_extra and
+        log_metric (gathered over processes, in a fixed key order so that every process gathers the same keys)."""
+        self._logs["prompt"].extend(gather_object(prompts))
+        self._logs["completion"].extend(gather_object(completions))
+        for i, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(rewards[:, i].tolist())
+        self._logs["advantages"].extend(advantages.tolist())
+        for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
+            values = self._pending_extra_logs.get(column, [None] * len(prompts))
+            self._logs["extra"][column].extend(gather_object(values))
+        self._pending_extra_logs.clear()
+        for name in sorted(set(gather_object(list(self._pending_metrics)))):
+            values = self._pending_metrics.get(name, [])
+            stats = torch.tensor([sum(values), len(values)], dtype=torch.float32, device=self.accelerator.device)
+            total, count = self.accelerator.gather(stats).view(-1, 2).sum(dim=0).tolist()
+            self._metrics[mode][name].append(total / count)
+        self._pending_metrics.clear()
+
+    # ---- loss ----
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        self._step_time += time.perf_counter() - start
+        if self._step % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["step_time"].append(self._step_time)
+            self._step_time = 0.0
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("GRPOTrainer.compute_loss cannot return outputs: the fused head produces no logits")
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"]
+        logps, entropies = self._token_logprobs(
+            model, input_ids, attention_mask, inputs["completion_ids"].shape[1], entropy=True
+        )
+        token_normalized = self.args.loss_type in TOKEN_NORMALIZED_LOSSES
+        policy_loss, stats = grpo_loss(
+            logps, inputs.get("old_per_token_logps"), inputs["advantages"], mask,
+            ref_logps=inputs.get("ref_per_token_logps"), beta=self.beta, epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high, delta=self.args.delta, loss_type=self.args.loss_type,
+            importance_sampling_level=self.args.importance_sampling_level,
+            max_completion_length=self.args.max_completion_length, num_items=1.0 if token_normalized else None,
+            sapo_temperature_pos=self.args.sapo_temperature_pos, sapo_temperature_neg=self.args.sapo_temperature_neg,
+            use_bias_correction_kl=self.args.use_bias_correction_kl, return_metrics=True, impl=self._ops_impl,
+        )  # fmt: skip
+        if token_normalized:
+            # The loss tokens of the whole generation batch, per process and micro-step. Divided here rather than
+            # passed as num_items, which the op clamps to >= 1 while this count may legitimately be below 1
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * accumulation / self.args.steps_per_generation
+            policy_loss = policy_loss / normalizer
+            loss = policy_loss
+        else:
+            loss = policy_loss / accumulation
+        if self._entropy_bonus_enabled:
+            loss = loss - self._entropy_bonus(entropies, mask, mode, accumulation)
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss.detach()).nanmean().item())
+        self._log_loss_metrics(stats, entropies, mask, mode)
+        return loss
+
+    def _entropy_bonus(self, entropies, mask, mode, accumulation) -> torch.Tensor:
+        """entropy_coef x the mean per-token entropy (scaled for accumulation); updates the adaptive coefficient."""
+        mask = mask.to(entropies.dtype)
+        bonus = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
+        if self.args.use_adaptive_entropy:
+            coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+            if mode == "train":
+                self._update_adaptive_entropy(entropies, mask)
+        else:
+            coef = self.entropy_coef
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return coef * bonus
+
+    def _update_adaptive_entropy(self, entropies, mask):
+        # the window's token-weighted mean entropy, over every micro-batch and process, decides the next step's coef
+        stats = torch.stack([(entropies * mask).sum(), mask.sum()]).detach()
+        self._entropy_window = stats if self._entropy_window is None else self._entropy_window + stats
+        if not self.accelerator.sync_gradients:
+            return
+        totals = self.accelerator.reduce(self._entropy_window, reduction="sum")
+        world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+        step = self.args.entropy_coef_delta
+        if world_entropy <= self.args.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + step, self.args.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - step, self.args.entropy_coef_min)
+        self._last_world_entropy = world_entropy
+        self._entropy_window = None
+
+    def _log_loss_metrics(self, stats, entropies, mask, mode):
+        def reduce(t):
+            return self.accelerator.reduce(t, reduction="sum")
+
+        for name, value in stats.logs(self.args.loss_type, reduce=reduce, gather=self.accelerator.gather).items():
+            self._metrics[mode][name].append(value.item())
+        mask = mask.to(entropies.dtype)
+        totals = reduce(torch.stack([(entropies.detach() * mask).sum(), mask.sum()]))
+        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.mean().detach(), None, None
+
+    # ---- logging and checkpoints ----
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        # NaN values (e.g. a reward function that returned None for a whole batch) are left out of the averages; a
+        # metric with nothing else to average is logged as None, as TRL does
+        empty = []
+        for key, values in self._metrics[mode].items():
+            kept = [v for v in values if not math.isnan(v)]
+            if values and not kept:
+                empty.append(key)
+            values[:] = kept
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + key: None for key in empty})
+        super().log(logs, start_time)
+        if self.args.log_completions and self.accelerator.is_main_process:
+            self._write_completions()
+
+    def _write_completions(self):
+        import pandas as pd
+
+        table = {
+            "step": [self.state.global_step] * len(self._logs["prompt"]),
+            "prompt": list(self._logs["prompt"]),
+            "completion": list(self._logs["completion"]),
+            **{name: list(values) for name, values in self._logs["rewards"].items()},
+            **{name: list(values) for name, values in self._logs["extra"].items()},
+            "advantage": list(self._logs["advantages"]),
+        }
+        frame = pd.DataFrame(table)
+        path = os.path.join(self.args.output_dir, "completions", f"completions_{self.state.global_step:05d}.parquet")
+        frame.to_parquet(path)
+        shown = frame if self.args.num_completions_to_print is None else frame.head(self.args.num_completions_to_print)
+        print(shown.drop(columns=["step"]).to_string(max_colwidth=80))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.use_adaptive_entropy and self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            with open(os.path.join(folder, ENTROPY_STATE_FILE), "w") as f:
+                json.dump({"entropy_coef": self.entropy_coef, "last_world_entropy": self._last_world_entropy}, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, ENTROPY_STATE_FILE) if checkpoint is not None else None
+        if self.args.use_adaptive_entropy and path is not None and os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            self.entropy_coef, self._last_world_entropy = state["entropy_coef"], state["last_world_entropy"]
