@@ -1,0 +1,796 @@
+"""DPOTrainer: TRL 1.16's DPOTrainer, drop-in, with log-probs from the fused head and losses from ops.dpo_loss.
+
+One forward of the 2B sequences of a batch (B chosen, then B rejected; padded, or packed into one row with
+padding_free) through the model patched by `add_fused_logprob_head` gives per-token log-probs, entropy, mean logit
+and argmax flags without [batch, seq, vocab] logits. Everything after it works on a per-sequence view of those
+per-token values ([2B, T'], one row per sequence), whichever the layout.
+"""
+
+import contextlib
+import copy
+import importlib.util
+import warnings
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from torch.utils.data import DataLoader
+from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback, set_seed
+from transformers.utils import logging
+
+from posttrain.configs.dpo import DPOConfig
+from posttrain.data.dpo import (
+    REF_COLUMNS,
+    TOKENIZED_COLUMNS,
+    DataCollatorForPackedPreference,
+    DataCollatorForPreference,
+    prepare_preference_dataset,
+)
+from posttrain.models.attention import use_padding_free_attention
+from posttrain.models.lm_head import add_fused_logprob_head
+from posttrain.models.loading import apply_peft, create_model, disable_dropout
+from posttrain.ops.dpo_loss import dpo_loss
+
+from .base import PosttrainTrainer
+
+logger = logging.get_logger(__name__)
+
+# Batch keys that are not model inputs
+NON_MODEL_KEYS = {"completion_mask", "sequence_lengths", *REF_COLUMNS}
+# Rows of the last hidden state per chunk when WPO's log sum_v p_v^2 is computed ([chunk, V] logits at a time)
+WPO_CHUNK_ROWS = 1024
+
+
+class SyncRefModelCallback(TrainerCallback):
+    """TR-DPO: every `ref_model_sync_steps` optimizer steps, ref <- alpha * policy + (1 - alpha) * ref, with alpha
+    `ref_model_mixup_alpha` (parameters paired in order: the two models must share their architecture)."""
+
+    def __init__(self, ref_model: torch.nn.Module, accelerator):
+        self.ref_model = ref_model
+        self.accelerator = accelerator
+
+    @staticmethod
+    @torch.no_grad()
+    def mix(policy: torch.nn.Module, ref_model: torch.nn.Module, alpha: float) -> None:
+        """ref_model's parameters <- alpha * policy's + (1 - alpha) * ref_model's, in place."""
+        for ref_param, param in zip(ref_model.parameters(), policy.parameters(), strict=True):
+            ref_param.mul_(1.0 - alpha).add_(param.to(ref_param.dtype), alpha=alpha)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % args.ref_model_sync_steps == 0:
+            self.mix(self.accelerator.unwrap_model(model), self.ref_model, args.ref_model_mixup_alpha)
+
+
+class DPOTrainer(PosttrainTrainer):
+    """Direct Preference Optimization, as TRL 1.16's `DPOTrainer` (same arguments, data formats, losses and metrics).
+
+    Args:
+        model: a hub id or local path (loaded with AutoModelForCausalLM.from_pretrained and args.model_init_kwargs;
+            dtype float32 unless given), a PreTrainedModel, or a PeftModel.
+        ref_model: the reference policy. When None, it is built from the same source as `model` (loaded again from
+            the id / path, or a deep copy of an in-memory model), except that none is kept when
+            precompute_ref_log_probs is set (the reference log-probs are computed from `model` before training), and
+            a PEFT model's reference is the model with its adapter disabled.
+        args: a DPOConfig (default: DPOConfig("<model name>-DPO")).
+        data_collator: default DataCollatorForPreference (padded) or DataCollatorForPackedPreference
+            (args.padding_free). A custom one must return the same keys.
+        train_dataset, eval_dataset: preference data with `chosen` and `rejected` columns and optionally `prompt`,
+            text or conversational (see posttrain.data.dpo.prepare_preference_dataset); eval_dataset may also be a
+            dict of named datasets.
+        processing_class: the tokenizer (default: loaded from the model's name or path; pad token defaults to EOS).
+        compute_metrics, callbacks, optimizers: as transformers.Trainer's.
+        quantization_config: a BitsAndBytesConfig applied when `model` is loaded from an id / path.
+        peft_config: wrap the model with this PEFT adapter (needs peft installed).
+
+    Logged (TRL's names): loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
+    logps/rejected, logits/chosen, logits/rejected, entropy, mean_token_accuracy, num_tokens.
+
+    Example:
+        >>> from posttrain import DPOConfig, DPOTrainer
+        >>> dataset = Dataset.from_dict({"prompt": ["2+2="], "chosen": ["4"], "rejected": ["5"]})
+        >>> trainer = DPOTrainer("Qwen/Qwen2.5-0.5B-Instruct", args=DPOConfig("out", beta=0.1), train_dataset=dataset)
+        >>> trainer.train()
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: DPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = DPOConfig(f"{name.rstrip('/').split('/')[-1]}-DPO")
+        elif not isinstance(args, DPOConfig):
+            raise TypeError(f"args must be a posttrain DPOConfig, got {type(args).__name__}")
+        _check_train_dataset(train_dataset, args)
+
+        # Seeded before the model exists: a PEFT adapter's initialization draws random numbers
+        set_seed(args.seed)
+        model_source = model
+        model, revision = _load_policy(model, args, quantization_config)
+        if ref_model is model:
+            raise ValueError(
+                "model and ref_model are the same object; leave ref_model=None to train against a copy of the model"
+            )
+        processing_class = _resolve_tokenizer(processing_class, model, revision, args)
+        # The model must agree with the tokenizer on the pad token
+        model.config.get_text_config().pad_token_id = processing_class.pad_token_id
+        model.generation_config.pad_token_id = processing_class.pad_token_id
+        _check_text_only(train_dataset)
+        model = _wrap_peft(model, peft_config, ref_model, args)
+        self.padding_free = args.padding_free
+        if self.padding_free:
+            use_padding_free_attention(_unwrap_peft(model))
+        if data_collator is None:
+            data_collator = _default_collator(args, processing_class)
+
+        self.beta = args.beta
+        self.loss_types = list(args.loss_type)
+        self.loss_weights = list(args.loss_weights or [1.0] * len(self.loss_types))
+        self.ld_alpha = args.ld_alpha
+        self.use_weighting = args.use_weighting
+        self.precompute_ref_logps = args.precompute_ref_log_probs
+        self._check_lm_head_adapter(model)
+
+        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        eval_dataset = self._prepare_eval_datasets(eval_dataset, processing_class, args)
+
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+            callbacks=callbacks, optimizers=optimizers,
+        )  # fmt: skip
+        if args.n_gpu > 1:
+            raise ValueError(
+                "DPOTrainer does not support nn.DataParallel (several GPUs visible to one process): launch with "
+                "`accelerate launch` or `torchrun`, or make one GPU visible with CUDA_VISIBLE_DEVICES"
+            )
+        self._offload_context = _activation_offloading(args)
+        _check_moe_aux_loss(model, args)
+
+        self.ref_model = self._build_ref_model(ref_model, model_source, args, quantization_config)
+        if args.disable_dropout:
+            disable_dropout(model)
+            if self.ref_model is not None:
+                disable_dropout(self.ref_model)
+        _handle_liger(args)
+        self._patch_models(args)
+        self._total_train_tokens = 0
+        parallelism = self.accelerator.parallelism_config
+        # Tensor-parallel ranks see the same batch: a token count gathered over all ranks repeats each tp_size times
+        self._tp_size = parallelism.tp_size if parallelism is not None else 1
+        if self.ref_model is not None:
+            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+        if args.sync_ref_model:
+            self._add_sync_callback()
+        if self.precompute_ref_logps:
+            self._precompute_all()
+            if ref_model is None:
+                self.ref_model = None  # under FSDP one was built for the precomputation only
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Set-up
+
+    def _prepare_dataset(self, dataset, processing_class, args: DPOConfig, dataset_name: str):
+        with args.main_process_first(desc=f"preparing the {dataset_name} dataset"):
+            return prepare_preference_dataset(
+                dataset, processing_class, max_length=args.max_length, truncation_mode=args.truncation_mode,
+                num_proc=args.dataset_num_proc if isinstance(dataset, Dataset) else None, dataset_name=dataset_name,
+            )  # fmt: skip
+
+    def _prepare_eval_datasets(self, eval_dataset, processing_class, args: DPOConfig):
+        if eval_dataset is None:
+            return None
+        if isinstance(eval_dataset, dict):
+            return {
+                name: self._prepare_dataset(dataset, processing_class, args, name)
+                for name, dataset in eval_dataset.items()
+            }
+        return self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+
+    def _check_lm_head_adapter(self, model) -> None:
+        if not is_peft_model(model):
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+            raise ValueError(
+                "a PEFT adapter on lm_head is not supported: log-probs are computed from lm_head.weight directly, so "
+                "the adapter would never be trained; remove 'lm_head' from target_modules"
+            )
+
+    def _build_ref_model(self, ref_model, model_source, args: DPOConfig, quantization_config):
+        if ref_model is not None:
+            if self.padding_free:
+                use_padding_free_attention(ref_model)
+            return ref_model
+        if is_peft_model(self.model) or (self.precompute_ref_logps and not self.is_fsdp_enabled):
+            return None
+        if isinstance(model_source, str):
+            kwargs = dict(args.model_init_kwargs or {})
+            if quantization_config is not None:
+                kwargs["quantization_config"] = quantization_config
+            if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+                kwargs["device_map"] = None
+            kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            kwargs.setdefault("dtype", self.model.dtype)
+            kwargs.setdefault("attn_implementation", self.model.config._attn_implementation)
+            reference = create_model(model_source, kwargs)
+        else:
+            reference = copy.deepcopy(_unwrap_peft(self.model))
+            # A deep copy of a patched model would keep a forward bound to the original's
+            reference.__dict__.pop("forward", None)
+            reference.eval()
+        reference.requires_grad_(False)
+        if self.padding_free:
+            use_padding_free_attention(reference)
+        return reference
+
+    def _patch_models(self, args: DPOConfig) -> None:
+        add_fused_logprob_head(self._policy_lm(), entropy=True, stats=True, use_fused_kernels=args.use_fused_kernels)
+        if self.ref_model is not None:
+            add_fused_logprob_head(self.ref_model, use_fused_kernels=args.use_fused_kernels)
+
+    def _add_sync_callback(self) -> None:
+        if is_peft_model(self.model):
+            raise NotImplementedError(
+                "sync_ref_model=True with a PEFT model is not supported: the reference is the model with its adapter "
+                "disabled, so there is no separate reference model to mix into"
+            )
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:
+            raise NotImplementedError("sync_ref_model=True is not supported with DeepSpeed ZeRO-3 yet")
+        self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = [*TOKENIZED_COLUMNS, *REF_COLUMNS]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Reference log-probs computed before training
+
+    def _precompute_all(self) -> None:
+        args = self.args
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "precompute_ref_log_probs=True without a ref_model is not supported under DeepSpeed yet: the policy "
+                "is only placed on the devices when training starts. Pass a ref_model or compute the reference "
+                "log-probs during training"
+            )
+        self.train_dataset = self._precompute_ref_logps(
+            self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size
+        )
+        if self.eval_dataset is not None:
+            self.eval_dataset = self._precompute_eval(self.eval_dataset)
+
+    def _precompute_eval(self, eval_dataset):
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        if isinstance(eval_dataset, dict):
+            return {name: self._precompute_ref_logps(ds, name, batch_size) for name, ds in eval_dataset.items()}
+        return self._precompute_ref_logps(eval_dataset, "eval", batch_size)
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        if not isinstance(dataset, Dataset):
+            raise TypeError(
+                f"precompute_ref_log_probs=True needs a map-style Dataset, but the {name} dataset is "
+                f"{type(dataset).__name__}; use a Dataset or set precompute_ref_log_probs=False"
+            )
+        if all(column in dataset.column_names for column in REF_COLUMNS):
+            return dataset
+        loader = DataLoader(
+            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )  # fmt: skip
+        chosen, rejected = [], []
+        model = self.ref_model if self.ref_model is not None else self.model
+        for batch in self.accelerator.prepare(loader):
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(model, batch)
+            ref_chosen, ref_rejected = self.accelerator.gather_for_metrics((ref_chosen, ref_rejected))
+            chosen.append(ref_chosen.float().cpu())
+            rejected.append(ref_rejected.float().cpu())
+        columns = {"ref_chosen_logps": torch.cat(chosen).tolist(), "ref_rejected_logps": torch.cat(rejected).tolist()}
+        for column, values in columns.items():
+            dataset = dataset.remove_columns(column) if column in dataset.column_names else dataset
+            dataset = dataset.add_column(column, values)
+        return dataset
+
+    def compute_ref_log_probs(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference log-probs (chosen [B], rejected [B]) of one collated batch, summed over the completion tokens
+        (with LD-DPO's weighting when ld_alpha is set). `model` is the reference model, or the policy itself before
+        training (with its PEFT adapter disabled for a PEFT policy)."""
+        model_kwargs, labels = _model_inputs(inputs)
+        with torch.no_grad(), self._reference_context(model), self.accelerator.autocast():
+            outputs = model(**model_kwargs, logprob_labels=labels)
+        per_token = _per_sequence(outputs.logprobs, inputs)
+        mask = _per_sequence(outputs.label_mask, inputs)
+        return _sequence_logps(per_token, mask, self.ld_alpha).chunk(2)
+
+    @contextlib.contextmanager
+    def _reference_context(self, model):
+        """For a no-grad pass through the policy itself: no gradient checkpointing, and for a PEFT policy without a
+        separate reference, its reference adapter (or no adapter)."""
+        if model is not self.model and self.accelerator.unwrap_model(model) is not self.model:
+            yield
+            return
+        with _no_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if is_peft_model(self.model):
+                with _reference_adapter(self.accelerator.unwrap_model(self.model)):
+                    yield
+            else:
+                yield
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The DPO loss of one batch: sum over loss types of loss_weight * mean over pairs (see posttrain.ops.dpo_loss),
+        and the batch's metrics appended to self._metrics."""
+        mode = "train" if self.model.training else "eval"
+        model_kwargs, labels = _model_inputs(inputs)
+        with _capture_last_hidden(self._policy_lm(), enabled=self.use_weighting) as captured:
+            outputs = model(**model_kwargs, logprob_labels=labels)
+        tokens = {
+            name: _per_sequence(getattr(outputs, name), inputs)
+            for name in ("logprobs", "label_mask", "entropy", "mean_logit", "is_argmax")
+        }
+        mask = tokens["label_mask"]
+        chosen_logps, rejected_logps = _sequence_logps(tokens["logprobs"], mask, self.ld_alpha).chunk(2)
+        if self.precompute_ref_logps:
+            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            reference = self.ref_model if self.ref_model is not None else self.model
+            ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(reference, inputs)
+        pair_weights = self._wpo_weights(captured, outputs.label_mask, tokens, inputs) if self.use_weighting else None
+        logps = (chosen_logps, rejected_logps, ref_chosen_logps.to(chosen_logps), ref_rejected_logps.to(chosen_logps))
+        loss = self._preference_loss(logps, tokens, inputs, pair_weights)
+        self._log_metrics(mode, logps, tokens, inputs)
+        if return_outputs:
+            warnings.warn(
+                "return_outputs=True (logits for compute_metrics) is deprecated, as in TRL (removed in 2.0): the fused "
+                "head builds no logits, so they come from an extra forward pass",
+                FutureWarning,
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                return loss, model(**model_kwargs)
+        return loss
+
+    def _policy_lm(self):
+        """The policy's causal LM itself: without accelerate's wrappers or a PEFT wrapper (what carries the head)."""
+        return _unwrap_peft(self.accelerator.unwrap_model(self.model))
+
+    def _preference_loss(self, logps, tokens, inputs, pair_weights) -> torch.Tensor:
+        chosen_lengths, rejected_lengths = _completion_lengths(inputs).chunk(2)
+        impl = "auto" if self.args.use_fused_kernels else "torch"
+        options = dict(
+            beta=self.beta, label_smoothing=self.args.label_smoothing, f_divergence_type=self.args.f_divergence_type,
+            f_alpha_divergence_coef=self.args.f_alpha_divergence_coef, discopop_tau=self.args.discopop_tau, impl=impl,
+        )  # fmt: skip
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            if loss_type == "sft":
+                # The NLL of the chosen completions, unweighted by ld_alpha: summed raw log-probs over the token count
+                chosen_raw, chosen_mask = tokens["logprobs"].chunk(2)[0], tokens["label_mask"].chunk(2)[0]
+                per_pair = dpo_loss(
+                    chosen_raw.sum(1), *logps[1:], loss_type="sft", chosen_lengths=chosen_mask.sum(1), **options
+                )
+            else:
+                per_pair = dpo_loss(
+                    *logps, loss_type=loss_type, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                    **options,
+                )  # fmt: skip
+            if pair_weights is not None:
+                per_pair = per_pair * pair_weights
+            loss = loss + per_pair.mean() * weight
+        return loss
+
+    def _wpo_weights(self, captured: dict, label_mask, tokens, inputs) -> torch.Tensor:
+        """WPO's per-pair weight: exp(mean over the chosen completion of log p(token) - log sum_v p_v^2) times the same
+        for the rejected completion, without gradient."""
+        with torch.no_grad():
+            log_sum_sq = _per_sequence(_log_sum_sq_probs(captured["hidden"], self._policy_lm(), label_mask), inputs)
+            mask = tokens["label_mask"]
+            aligned = (tokens["logprobs"] - log_sum_sq) * mask
+            weights = torch.exp(aligned.sum(1) / mask.sum(1).clamp_min(1))
+            chosen_weights, rejected_weights = weights.chunk(2)
+            return chosen_weights * rejected_weights
+
+    def _log_metrics(self, mode: str, logps, tokens, inputs) -> None:
+        metrics, total = self._metrics[mode], self._sum_over_processes
+        mask = tokens["label_mask"]
+        chosen_mask = mask.chunk(2)[0]
+        n_tokens = total(mask.sum())
+        entropy = total((tokens["entropy"].detach() * mask).sum())
+        metrics["entropy"].append((entropy / n_tokens).item() if n_tokens > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += int(total(_num_tokens(inputs)).item()) // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        for side, mean_logit, side_mask in zip(("chosen", "rejected"), tokens["mean_logit"].chunk(2), mask.chunk(2)):
+            count = total(side_mask.sum()).item()
+            summed = total(mean_logit[side_mask].sum()).item()
+            metrics[f"logits/{side}"].append(summed / count if count > 0 else 0.0)
+        chosen_tokens = total(chosen_mask.sum())
+        correct = total((tokens["is_argmax"].chunk(2)[0] & chosen_mask).sum())
+        metrics["mean_token_accuracy"].append((correct / chosen_tokens).item() if chosen_tokens > 0 else 0.0)
+
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps = logps
+        chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps).detach()
+        rejected_rewards = self.beta * (rejected_logps - ref_rejected_logps).detach()
+        values = {
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": chosen_logps.detach(),
+            "logps/rejected": rejected_logps.detach(),
+        }
+        for name, value in values.items():
+            metrics[name].append(self.accelerator.gather(value).mean().item())
+
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather_for_metrics(tensor).sum()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Training and evaluation loop hooks
+
+    def training_step(self, *args, **kwargs):
+        with self._offload_context():
+            return super().training_step(*args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the DPO loss (and metrics) of the batch; logits only when compute_metrics needs them."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        return loss, outputs.logits, inputs["input_ids"]
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """transformers.Trainer.evaluate, preparing (and, with precompute_ref_log_probs, scoring under the reference)
+        a dataset passed here as __init__ does for eval_dataset."""
+        if eval_dataset is None or isinstance(eval_dataset, str):
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if (
+            self.precompute_ref_logps
+            and self.ref_model is None
+            and not is_peft_model(self.model)
+            and self.state.global_step > 0
+        ):
+            raise ValueError(
+                "evaluate() got a new dataset after training started, with precompute_ref_log_probs=True and no "
+                "ref_model: the reference (the initial model) is gone. Pass it as eval_dataset at initialization, "
+                "give a ref_model, or set precompute_ref_log_probs=False"
+            )
+        eval_dataset = self._prepare_eval_datasets(eval_dataset, self.processing_class, self.args)
+        if self.precompute_ref_logps:
+            eval_dataset = self._precompute_eval(eval_dataset)
+        if not isinstance(eval_dataset, dict):
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        metrics = {}
+        for name, dataset in eval_dataset.items():
+            metrics.update(
+                super().evaluate(dataset, ignore_keys=ignore_keys, metric_key_prefix=f"{metric_key_prefix}_{name}")
+            )
+        return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Construction helpers
+
+
+def _check_train_dataset(train_dataset, args: DPOConfig) -> None:
+    if train_dataset is None:
+        raise ValueError("train_dataset is required")
+    if isinstance(train_dataset, IterableDataset):
+        if args.accelerator_config.dispatch_batches is True:
+            logger.warning("dispatch_batches=True is turned off: an IterableDataset is read by every process itself")
+        args.accelerator_config.dispatch_batches = False
+    elif not isinstance(train_dataset, Dataset):
+        raise TypeError(
+            f"train_dataset must be a datasets Dataset or IterableDataset, got {type(train_dataset).__name__}"
+        )
+
+
+def _check_text_only(train_dataset) -> None:
+    first = next(iter(train_dataset), None) or {}
+    if "image" in first or "images" in first:
+        raise NotImplementedError(
+            "vision preference data (an 'image' / 'images' column) is not supported by posttrain's DPOTrainer yet; "
+            "use TRL's DPOTrainer for vision-language models"
+        )
+
+
+def _load_policy(model, args: DPOConfig, quantization_config):
+    """The policy model and the revision to load its tokenizer at."""
+    if not isinstance(model, str):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a model id, a local path or a PreTrainedModel, got {type(model).__name__}")
+        if args.model_init_kwargs is not None:
+            warnings.warn(
+                "model_init_kwargs is ignored: it only applies when model is given as an id or a path, and this model "
+                "is already built",
+                stacklevel=3,
+            )
+        if quantization_config is not None:
+            raise ValueError(
+                "quantization_config only applies when model is given as an id or a path; this model is already built"
+            )
+        return model, None
+    kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError("quantization_config is set both as a trainer argument and in args.model_init_kwargs")
+        kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # device_map="auto" fails under distributed training
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return create_model(model, kwargs), kwargs.get("revision")
+
+
+def _resolve_tokenizer(processing_class, model, revision, args: DPOConfig):
+    if processing_class is None:
+        source = getattr(model.config, "_name_or_path", "")
+        if not source:
+            raise ValueError("processing_class was not given and the model has no name_or_path to load one from")
+        processing_class = AutoProcessor.from_pretrained(
+            source, revision=revision, trust_remote_code=args.trust_remote_code
+        )
+    if isinstance(processing_class, ProcessorMixin):
+        raise NotImplementedError(
+            f"processing_class is a {type(processing_class).__name__} (a multimodal processor): posttrain's "
+            "DPOTrainer supports text-only models with a tokenizer"
+        )
+    if not isinstance(processing_class, PreTrainedTokenizerBase):
+        raise TypeError(f"processing_class must be a tokenizer, got {type(processing_class).__name__}")
+    pad_token = args.pad_token or processing_class.pad_token or processing_class.eos_token
+    if pad_token is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token: set tokenizer.pad_token")
+    if pad_token not in processing_class.get_vocab():
+        raise ValueError(f"pad_token {pad_token!r} is not in the vocabulary of {type(processing_class).__name__}")
+    processing_class.pad_token = pad_token
+    return processing_class
+
+
+def _default_collator(args: DPOConfig, tokenizer):
+    collator = DataCollatorForPackedPreference if args.padding_free else DataCollatorForPreference
+    return collator(
+        pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
+        pad_to_multiple_of=args.pad_to_multiple_of,
+    )  # fmt: skip
+
+
+def _wrap_peft(model, peft_config, ref_model, args: DPOConfig):
+    if peft_config is not None:
+        if importlib.util.find_spec("peft") is not None:
+            from peft import PeftConfig
+
+            if not isinstance(peft_config, PeftConfig):
+                raise TypeError(f"peft_config must be a peft.PeftConfig, got {type(peft_config).__name__}")
+            if is_peft_model(model):
+                raise ValueError(
+                    "model is already a PeftModel and a peft_config was given: merge and unload the existing "
+                    "adapter first, then pass the base model with the new peft_config"
+                )
+        model = apply_peft(model, peft_config)
+    elif is_peft_model(model) and ref_model is None:
+        _add_reference_adapter(model)
+    if is_peft_model(model) and args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        # QLoRA: the adapter trains in bf16 (the DoRA magnitude stays fp32: its updates can underflow in bf16)
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_magnitude_vector" not in name:
+                param.data = param.data.to(torch.bfloat16)
+    return model
+
+
+def _add_reference_adapter(model) -> None:
+    """A PEFT model with a trained adapter: its frozen copy "ref" is the reference policy."""
+    config = model.peft_config["default"]
+    model.add_adapter("ref", config)
+    for name, param in model.named_parameters():
+        if ".default." in name:
+            model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+
+
+def _unwrap_peft(model):
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def _check_moe_aux_loss(model, args: DPOConfig) -> None:
+    text_config = model.config.get_text_config()
+    coef = args.router_aux_loss_coef
+    is_moe = hasattr(text_config, "output_router_logits")
+    if coef and not is_moe:
+        raise ValueError(
+            f"router_aux_loss_coef is {coef} but {type(model).__name__} is not a Mixture-of-Experts model returning "
+            "router logits, so there is no auxiliary loss to weight"
+        )
+    effective = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if not is_moe or not effective:
+        return
+    if coef is not None:
+        raise NotImplementedError(
+            f"router_aux_loss_coef={coef}: posttrain's DPOTrainer does not add the MoE load-balancing loss yet; set "
+            "router_aux_loss_coef=0.0"
+        )
+    warnings.warn(
+        f"{type(model).__name__} is a Mixture-of-Experts model: TRL would add its load-balancing loss (weight "
+        f"{effective}), posttrain's DPOTrainer does not yet. Set router_aux_loss_coef=0.0 to silence this",
+        stacklevel=3,
+    )
+
+
+def _handle_liger(args: DPOConfig) -> None:
+    if not args.use_liger_kernel:
+        return
+    warnings.warn(
+        "use_liger_kernel=True is deprecated (as in TRL, removed in 2.0): use model_init_kwargs={'use_kernels': True}",
+        FutureWarning,
+        stacklevel=3,
+    )
+    liger_config = args.liger_kernel_config or {}
+    if liger_config.get("fused_linear_cross_entropy"):
+        raise ValueError(
+            "liger_kernel_config={'fused_linear_cross_entropy': True} would replace the model's forward, which this "
+            "trainer patches with its fused log-prob head"
+        )
+    args.liger_kernel_config = {**liger_config, "fused_linear_cross_entropy": False}
+
+
+def _activation_offloading(args: DPOConfig):
+    if not args.activation_offloading:
+        return contextlib.nullcontext
+    pin_memory = torch.cuda.is_available()
+    return lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin_memory)
+
+
+@contextlib.contextmanager
+def _no_gradient_checkpointing(model, gradient_checkpointing_kwargs):
+    was_enabled = getattr(model, "is_gradient_checkpointing", False)
+    if was_enabled:
+        model.gradient_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+
+
+@contextlib.contextmanager
+def _reference_adapter(peft_model):
+    if "ref" not in peft_model.peft_config:
+        with peft_model.disable_adapter():
+            yield
+        return
+    previous = peft_model.active_adapter
+    peft_model.set_adapter("ref")
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(previous)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batch layout: padded [2B, T] or one packed row [1, L] with sequence_lengths [2B]
+
+
+def _model_inputs(inputs: dict) -> tuple[dict, torch.Tensor]:
+    """The model's keyword arguments and the labels (-100 outside completions, and on each packed sequence's first
+    token, which must not be predicted from the previous sequence's last)."""
+    model_kwargs = {key: value for key, value in inputs.items() if key not in NON_MODEL_KEYS}
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    lengths = inputs.get("sequence_lengths")
+    if lengths is not None:
+        starts = torch.cumsum(lengths, 0) - lengths
+        labels[:, starts] = -100
+    return model_kwargs, labels
+
+
+def _per_sequence(values: torch.Tensor | None, inputs: dict) -> torch.Tensor | None:
+    """Per-token values [R, T - 1] aligned with labels[:, 1:] -> [2B, T'] with one row per sequence (its next-token
+    targets from the left, zero / False after them). The padded layout already is one; a packed row is cut up."""
+    lengths = inputs.get("sequence_lengths")
+    if values is None or lengths is None:
+        return values
+    starts = torch.cumsum(lengths, 0) - lengths
+    cols = torch.arange(max(int(lengths.max()) - 1, 0), device=values.device)
+    index = (starts[:, None] + cols).clamp(max=values.shape[1] - 1)
+    valid = cols < (lengths[:, None] - 1)
+    return torch.where(valid, values[0][index], torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def _completion_lengths(inputs: dict) -> torch.Tensor:
+    """Completion tokens per sequence [2B], counted on completion_mask itself (unshifted), as TRL's ipo and
+    sigmoid_norm normalize."""
+    completion_mask = inputs["completion_mask"]
+    lengths = inputs.get("sequence_lengths")
+    if lengths is None:
+        return completion_mask.sum(1)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    counts = torch.zeros(len(lengths), dtype=completion_mask.dtype, device=completion_mask.device)
+    return counts.index_add_(0, segment, completion_mask[0, : segment.numel()])
+
+
+def _num_tokens(inputs: dict) -> torch.Tensor:
+    lengths = inputs.get("sequence_lengths")
+    return lengths.sum() if lengths is not None else inputs["attention_mask"].sum()
+
+
+def _sequence_logps(per_token: torch.Tensor, mask: torch.Tensor, ld_alpha: float | None) -> torch.Tensor:
+    """[2B] completion log-probs. With LD-DPO's ld_alpha, tokens past the shorter completion of the pair (counted
+    from the completion's start) weigh ld_alpha: shared part + ld_alpha * tail, as TRL sums them."""
+    if ld_alpha is None:
+        return per_token.sum(1)
+    position = mask.long().cumsum(1)
+    chosen_lengths, rejected_lengths = mask.sum(1).chunk(2)
+    shared = torch.minimum(chosen_lengths, rejected_lengths).repeat(2)[:, None]
+    shared_logps = (per_token * ((position > 0) & (position <= shared))).sum(1)
+    tail_logps = (per_token * (position > shared)).sum(1)
+    return shared_logps + ld_alpha * tail_logps
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# WPO's log sum_v p_v^2, from the captured last hidden state
+
+
+@contextlib.contextmanager
+def _capture_last_hidden(causal_lm, enabled: bool):
+    """Record the backbone's last hidden state during a forward of `causal_lm` (when enabled)."""
+    captured = {}
+    if not enabled:
+        yield captured
+        return
+
+    def hook(module, args, output):
+        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = causal_lm.base_model.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _output_logits(causal_lm, hidden: torch.Tensor) -> torch.Tensor:
+    # The logits as the model's own forward makes them: scaled (Cohere, Granite) and soft-capped (Gemma 2) where it is
+    config = causal_lm.config.get_text_config()
+    head = causal_lm.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "full_tensor"):
+        weight, bias = weight.full_tensor(), bias.full_tensor() if bias is not None else None
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+    scale = getattr(config, "logit_scale", None)
+    if scale is None and getattr(config, "logits_scaling", None):
+        scale = 1.0 / config.logits_scaling
+    if scale is not None:
+        logits = logits * scale
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _log_sum_sq_probs(hidden: torch.Tensor, causal_lm, label_mask: torch.Tensor) -> torch.Tensor:
+    """log sum_v p_v^2 of each next-token distribution where label_mask is set ([R, T - 1], 0 elsewhere), from the
+    last hidden state [R, T, H], WPO_CHUNK_ROWS rows of logits at a time."""
+    rows = hidden[:, :-1][label_mask]
+    pieces = []
+    for start in range(0, rows.shape[0], WPO_CHUNK_ROWS):
+        logits = _output_logits(causal_lm, rows[start : start + WPO_CHUNK_ROWS])
+        pieces.append(torch.logsumexp(2.0 * logits, -1) - 2.0 * torch.logsumexp(logits, -1))
+    values = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(label_mask.shape, dtype=torch.float32, device=values.device).masked_scatter(label_mask, values)
