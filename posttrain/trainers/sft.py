@@ -1,0 +1,481 @@
+"""SFTTrainer: TRL 1.16's supervised fine-tuning, with the loss from the fused log-prob head (no [B, T, V] logits)."""
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments, set_seed
+
+from posttrain.configs.sft import SFTConfig
+from posttrain.data.packing import DataCollatorForLanguageModeling
+from posttrain.data.sft import check_assistant_only_loss, first_example, prepare_sft_dataset, set_chat_template
+from posttrain.models.attention import use_padding_free_attention
+from posttrain.models.lm_head import add_fused_logprob_head
+from posttrain.models.loading import apply_peft, create_model, load_processing_class, resolve_model
+
+from .base import PosttrainTrainer
+
+_PACKED_STRATEGIES = ("bfd", "bfd_split")
+
+
+class SFTTrainer(PosttrainTrainer):
+    """Supervised fine-tuning, a drop-in for TRL 1.16's `SFTTrainer`: same arguments, dataset formats and metrics.
+
+    The loss is the token-mean negative log-likelihood of the label tokens (labels != -100), from
+    `fused_linear_logprob` on the last hidden state, never building [batch, seq, vocab] logits. Under gradient
+    accumulation it is normalized by the label tokens of the whole accumulated batch (`num_items_in_batch`), as TRL.
+    With loss_type="dft", each token's loss is weighted by its detached probability.
+
+    Logged: loss, num_tokens (tokens seen in training so far: attention-mask ones, or the row length when padding-free),
+    mean_token_accuracy (label tokens that are the argmax) and entropy (mean over label tokens), as TRL.
+
+    Args:
+        model: a hub id or local path (loaded with `args.model_init_kwargs`) or a causal LM.
+        args: an SFTConfig (or TrainingArguments, converted); default SFTConfig("<model name>-SFT").
+        data_collator: default `DataCollatorForLanguageModeling` (padding-free with packing / padding_free).
+        train_dataset / eval_dataset: datasets in the formats of `posttrain.data.sft` (an eval dict is allowed).
+        processing_class: the tokenizer (default: the model's); a processor's tokenizer is used for text data.
+        compute_loss_func: deprecated in TRL; `(outputs with logits, labels, num_items_in_batch) -> loss`.
+        quantization_config: for a model given as a string (e.g. bitsandbytes with PEFT).
+        peft_config: wrap the model with this PEFT adapter (needs peft).
+        formatting_func: `example -> str`, turning each example into language-modeling text.
+
+    Example:
+        >>> trainer = SFTTrainer("Qwen/Qwen2-0.5B", args=SFTConfig("out", packing=True), train_dataset=dataset)
+        >>> trainer.train()
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        args: SFTConfig | TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func: Callable[[dict], str] | None = None,
+    ):
+        args = _sft_config(args, model)
+        _check_train_dataset(train_dataset, args)
+        set_seed(args.seed)  # before the model: PEFT initializes adapters randomly
+        model = _load_model(model, args, quantization_config)
+        if processing_class is None:
+            processing_class = _default_tokenizer(model, args)
+        self._tokenizer = _tokenizer_of(processing_class)
+        sample = first_example(train_dataset, "train")
+        model = self._setup_model(model, args, sample, peft_config)
+        self._formatting_func = formatting_func
+        data_collator = self._setup_collator(model, args, sample, data_collator)
+        train_dataset, eval_dataset = self._setup_datasets(args, data_collator, train_dataset, eval_dataset)
+        _check_loss_options(args, compute_loss_func)
+        _check_checkpointing_kwargs(args)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self._patch_model(args)
+        self._total_train_tokens = 0
+
+    def _setup_model(self, model, args: SFTConfig, sample: dict, peft_config):
+        """eos token, chat template and PEFT adapter, as TRL sets them up before Trainer.__init__."""
+        if args.eos_token is not None:
+            _set_eos_token(model, self._tokenizer, args.eos_token)
+        added_tokens = []
+        if args.chat_template_path:
+            added_tokens = set_chat_template(model, self._tokenizer, args.chat_template_path)
+        if "image" in sample or "images" in sample:
+            raise NotImplementedError("posttrain's SFTTrainer does not train on vision datasets (image / images) yet")
+        return _wrap_peft(model, peft_config, args, added_tokens)
+
+    def _setup_collator(self, model, args: SFTConfig, sample: dict, data_collator):
+        """Decide padding_free and completion_only_loss, check the loss masks, and build the default collator."""
+        self.padding_free = args.padding_free or (args.packing and args.packing_strategy in _PACKED_STRATEGIES)
+        self._check_padding_free(args, data_collator)
+        if args.assistant_only_loss:
+            check_assistant_only_loss(sample, self._tokenizer, args.dataset_text_field)
+        self.completion_only_loss = args.completion_only_loss
+        if self.completion_only_loss is None:
+            self.completion_only_loss = "prompt" in sample and "completion" in sample
+        if data_collator is not None:
+            return data_collator
+        return DataCollatorForLanguageModeling(
+            pad_token_id=_set_pad_token(model, self._tokenizer, args.pad_token),
+            padding_free=self.padding_free,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+        )
+
+    def _setup_datasets(self, args: SFTConfig, data_collator, train_dataset, eval_dataset):
+        self._skip_prepare_dataset = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset", False))
+        eval_sets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset} if eval_dataset else {}
+        self._check_skipped_preparation({"train": train_dataset, **eval_sets}, data_collator)
+        if self._skip_prepare_dataset:
+            return train_dataset, eval_dataset
+        if self.completion_only_loss and self._formatting_func is not None:
+            raise ValueError(
+                "formatting_func turns examples into plain text, which has no completion to restrict the loss to, "
+                "but completion_only_loss is on (the default for prompt-completion data): apply the formatting "
+                "before passing the dataset, or set completion_only_loss=False"
+            )
+        return self._prepare(train_dataset, args, args.packing, "train"), self._prepare_eval(eval_dataset, args)
+
+    def _patch_model(self, args: SFTConfig) -> None:
+        """After Trainer.__init__: the fused log-prob head, packing-safe attention, and the MoE aux-loss setting."""
+        if args.n_gpu > 1:
+            raise ValueError(
+                "SFTTrainer does not support nn.DataParallel (several GPUs visible to one process): launch with "
+                "accelerate launch / torchrun, or make one GPU visible with CUDA_VISIBLE_DEVICES"
+            )
+        self._check_parallelism(args)
+        _keep_liger_off_the_head(args)
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        add_fused_logprob_head(base, entropy=True, stats=True, use_fused_kernels=args.use_fused_kernels)
+        eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+        if self.padding_free or (eval_packing and args.packing_strategy in _PACKED_STRATEGIES):
+            use_padding_free_attention(base)
+        _disable_router_aux_loss(base, args.router_aux_loss_coef)
+
+    def _check_parallelism(self, args: SFTConfig) -> None:
+        config = getattr(self.accelerator, "parallelism_config", None)
+        if getattr(config, "cp_enabled", False) and (args.packing or args.eval_packing):
+            raise ValueError(
+                "packing with context parallelism (cp_size > 1) would let packed sequences attend to each other "
+                "(context parallelism drops their block-diagonal mask): set packing=False and eval_packing=False"
+            )
+        if getattr(config, "sp_enabled", False):
+            raise NotImplementedError("posttrain's SFTTrainer does not support sequence parallelism (sp_size > 1) yet")
+
+    def _check_padding_free(self, args: SFTConfig, data_collator) -> None:
+        if not self.padding_free:
+            return
+        if data_collator is not None:
+            raise ValueError("a custom data_collator cannot be used with padding_free / bfd packing")
+        if args.packing and args.packing_strategy == "wrapped":
+            warnings.warn(
+                "padding_free=True with packing_strategy='wrapped': each wrapped row is one sequence whose tokens "
+                "attend across the original documents' boundaries",
+                stacklevel=4,
+            )
+        if args.per_device_train_batch_size == 1 and not args.packing:
+            warnings.warn(
+                "padding_free=True with per_device_train_batch_size=1 saves nothing: there is no padding to remove",
+                stacklevel=4,
+            )
+        if not args.packing and args.max_length is not None:
+            raise ValueError(
+                f"padding_free=True without packing does not truncate to max_length ({args.max_length}): enable "
+                "packing, set max_length=None, or pass sequences already truncated with max_length=None"
+            )
+
+    def _prepare(self, dataset, args: SFTConfig, packing: bool, name: str):
+        return prepare_sft_dataset(
+            dataset,
+            self._tokenizer,
+            dataset_text_field=args.dataset_text_field,
+            formatting_func=self._formatting_func,
+            completion_only_loss=self.completion_only_loss,
+            assistant_only_loss=args.assistant_only_loss,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            packing=packing,
+            packing_strategy=args.packing_strategy,
+            shuffle=args.shuffle_dataset,
+            seed=args.seed,
+            num_proc=args.dataset_num_proc,
+            name=name,
+        )
+
+    def _prepare_eval(self, eval_dataset, args: SFTConfig):
+        if eval_dataset is None:
+            return None
+        packing = args.packing if args.eval_packing is None else args.eval_packing
+        if isinstance(eval_dataset, dict):
+            return {key: self._prepare(ds, args, packing, key) for key, ds in eval_dataset.items()}
+        return self._prepare(eval_dataset, args, packing, "eval")
+
+    def _check_skipped_preparation(self, datasets: dict, data_collator) -> None:
+        # With preparation skipped, no labels are built from mask columns: training would silently use every token
+        if not (self._skip_prepare_dataset and isinstance(data_collator, DataCollatorForLanguageModeling)):
+            return
+        for name, dataset in datasets.items():
+            columns = first_example(dataset, name).keys()
+            if "labels" not in columns and ("completion_mask" in columns or "assistant_masks" in columns):
+                raise ValueError(
+                    f"The {name} dataset has mask columns but no 'labels', and skip_prepare_dataset=True skips building "
+                    "labels from them, so every token would be trained on: add a 'labels' column (-100 outside the "
+                    "loss) or drop skip_prepare_dataset"
+                )
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["input_ids", "labels", "seq_lengths"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The SFT loss of one micro-batch (see the class docstring); records entropy, accuracy and num_tokens."""
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        if self.compute_loss_func is not None or (self.label_smoother is not None and self.args.loss_type == "nll"):
+            loss = self._loss_from_logits(model, model_inputs, labels, num_items_in_batch)
+            with torch.no_grad():
+                out = model(**model_inputs, logprob_labels=labels)
+        else:
+            out = model(**model_inputs, logprob_labels=labels)
+            per_token = -out.logprobs
+            if self.args.loss_type == "dft":
+                per_token = per_token * out.logprobs.detach().exp()
+            count = out.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            # clamped: a micro-batch with no label token contributes a zero loss, not 0 / 0
+            loss = per_token.sum() / torch.as_tensor(count).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens, and DDP averages the gradients over ranks
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        self._record_metrics(mode, out, inputs)
+        if return_outputs:
+            with torch.no_grad():
+                return loss, model(**model_inputs, use_cache=False)
+        return loss
+
+    def _loss_from_logits(self, model, model_inputs, labels, num_items_in_batch):
+        outputs = model(**model_inputs, use_cache=False)
+        if self.compute_loss_func is not None:
+            return self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        return self.label_smoother(outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+
+    def _record_metrics(self, mode: str, out, inputs) -> None:
+        gather = self.accelerator.gather
+        valid = gather(out.label_mask.sum()).sum()
+        entropy = gather(out.entropy.detach().sum()).sum()
+        correct = gather(out.is_argmax.sum()).sum()
+        self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                tokens = inputs["attention_mask"].sum()
+            elif "position_ids" in inputs:
+                tokens = torch.tensor(inputs["position_ids"].shape[1], device=inputs["position_ids"].device)
+            else:
+                raise ValueError("the batch has neither attention_mask nor position_ids to count its tokens")
+            self._total_train_tokens += gather(tokens).sum().item() // self.get_tp_size()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Eval step: the loss alone, or also the logits (an extra forward) when compute_metrics needs them."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.detach(), outputs.logits, inputs.get("labels")
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer.evaluate; a dataset passed here (not a name) is prepared as the eval datasets given at init."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_sets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+            self._check_skipped_preparation(eval_sets, self.data_collator)
+            if not self._skip_prepare_dataset:
+                eval_dataset = self._prepare_eval(eval_dataset, self.args)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+
+def _sft_config(args, model) -> SFTConfig:
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+        return SFTConfig(f"{name.rstrip('/').split('/')[-1]}-SFT")
+    if isinstance(args, SFTConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        values = args.to_dict()
+        values["hub_token"] = args.hub_token  # to_dict hides it
+        return SFTConfig(**values)
+    raise TypeError(f"args must be an SFTConfig or TrainingArguments, got {type(args).__name__}")
+
+
+def _check_train_dataset(train_dataset, args: SFTConfig) -> None:
+    if train_dataset is None:
+        raise ValueError("train_dataset is required")
+    if isinstance(train_dataset, IterableDataset):
+        if args.accelerator_config.dispatch_batches is True:
+            warnings.warn(
+                "dispatch_batches=True is turned off for an IterableDataset train_dataset (accelerate would "
+                "concatenate batches of different processes)",
+                stacklevel=3,
+            )
+        args.accelerator_config.dispatch_batches = False
+    elif not isinstance(train_dataset, Dataset):
+        raise TypeError(
+            f"train_dataset must be a datasets.Dataset or IterableDataset, got {type(train_dataset).__name__}"
+        )
+
+
+def _load_model(model, args: SFTConfig, quantization_config) -> PreTrainedModel:
+    if not isinstance(model, str):
+        if quantization_config is not None:
+            warnings.warn("quantization_config is ignored: the model is already built", stacklevel=3)
+        return resolve_model(model, args.model_init_kwargs)
+    kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError("quantization_config is given both to the trainer and in args.model_init_kwargs")
+        kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # data-parallel ranks each hold a whole model; "auto" would split it
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return create_model(model, kwargs)
+
+
+def _default_tokenizer(model: PreTrainedModel, args: SFTConfig):
+    if args.trust_remote_code or (args.model_init_kwargs or {}).get("revision"):
+        warnings.warn(
+            "the tokenizer is loaded from the model's path without model_init_kwargs['revision'] / trust_remote_code "
+            "(not forwarded yet); pass processing_class to choose them",
+            stacklevel=3,
+        )
+    return load_processing_class(model)
+
+
+def _tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
+    if isinstance(processing_class, ProcessorMixin):
+        return processing_class.tokenizer
+    if isinstance(processing_class, PreTrainedTokenizerBase):
+        return processing_class
+    raise TypeError(
+        f"processing_class must be a tokenizer (PreTrainedTokenizerBase) or a processor, got {type(processing_class).__name__}"
+    )
+
+
+def _check_vocab(tokenizer, field: str, token: str) -> None:
+    if token not in tokenizer.get_vocab():
+        raise ValueError(
+            f"{field} {token!r} is not in the vocabulary of the processing class ({type(tokenizer).__name__})"
+        )
+
+
+def _set_eos_token(model: PreTrainedModel, tokenizer, eos_token: str) -> None:
+    _check_vocab(tokenizer, "eos_token", eos_token)
+    tokenizer.eos_token = eos_token
+    model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+    # generation stops at any of its eos ids: add this one rather than replace them
+    current = model.generation_config.eos_token_id
+    current = [] if current is None else [current] if isinstance(current, int) else list(current)
+    if tokenizer.eos_token_id not in current:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *current]
+
+
+def _set_pad_token(model: PreTrainedModel, tokenizer, pad_token: str | None) -> int:
+    pad_token = pad_token or tokenizer.pad_token or tokenizer.eos_token
+    _check_vocab(tokenizer, "pad_token", pad_token)
+    tokenizer.pad_token = pad_token
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer.pad_token_id
+
+
+def _wrap_peft(model, peft_config, args: SFTConfig, added_tokens: list):
+    if peft_config is not None:
+        if is_peft_model(model):
+            raise ValueError(
+                "model is already a PeftModel and peft_config was given too: merge and unload the adapter first, or "
+                "pass no peft_config"
+            )
+        if added_tokens:
+            raise NotImplementedError(
+                "chat_template_path added tokens to the vocabulary; training their embeddings through a PEFT adapter "
+                "is not supported yet: add the tokens before building the adapter"
+            )
+        model = apply_peft(model, peft_config)
+    if is_peft_model(model):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+            raise ValueError(
+                "a PEFT adapter on lm_head is not supported: the log-probs use lm_head.weight directly, so the adapter "
+                "would never train; remove 'lm_head' from target_modules"
+            )
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def _check_loss_options(args: SFTConfig, compute_loss_func) -> None:
+    if args.loss_type == "dft" and compute_loss_func is not None:
+        raise ValueError("compute_loss_func cannot be combined with loss_type='dft' (which defines the loss)")
+    if compute_loss_func is not None:
+        warnings.warn(
+            "compute_loss_func is deprecated (as in TRL 1.16) and needs the full logits: each step runs an extra "
+            "forward. Subclass SFTTrainer and override compute_loss instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    if args.label_smoothing_factor > 0 and args.loss_type == "nll":
+        warnings.warn(
+            "label_smoothing_factor is deprecated in SFT (as in TRL 1.16) and needs the full logits: each step runs an "
+            "extra forward",
+            FutureWarning,
+            stacklevel=3,
+        )
+
+
+def _check_checkpointing_kwargs(args: SFTConfig) -> None:
+    kwargs = args.gradient_checkpointing_kwargs or {}
+    if kwargs.get("selective"):
+        raise NotImplementedError(
+            "gradient_checkpointing_kwargs={'selective': True} (TRL's selective activation checkpointing) is not "
+            "supported by posttrain; remove 'selective'"
+        )
+    kwargs.pop("selective", None)  # False means off; torch's checkpoint would reject the key
+
+
+def _keep_liger_off_the_head(args: SFTConfig) -> None:
+    if not args.use_liger_kernel:
+        return
+    warnings.warn(
+        "use_liger_kernel=True is deprecated in SFT (as in TRL 1.16): use model_init_kwargs={'use_kernels': True}",
+        FutureWarning,
+        stacklevel=4,
+    )
+    config = args.liger_kernel_config or {}
+    if config.get("fused_linear_cross_entropy"):
+        raise ValueError(
+            "liger_kernel_config={'fused_linear_cross_entropy': True} would replace the model's forward, which "
+            "SFTTrainer patches with the fused log-prob head"
+        )
+    args.liger_kernel_config = {**config, "fused_linear_cross_entropy": False}
+
+
+def _disable_router_aux_loss(model: PreTrainedModel, coef: float | None) -> None:
+    text_config = model.config.get_text_config()
+    is_moe = hasattr(text_config, "output_router_logits")
+    if coef and not is_moe:
+        raise ValueError(
+            f"router_aux_loss_coef={coef}, but {type(model).__name__} is not a Mixture-of-Experts model that returns "
+            "router logits: there is no auxiliary loss to weight"
+        )
+    effective = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if is_moe and effective:
+        warnings.warn(
+            f"posttrain's SFTTrainer does not add the MoE load-balancing loss (router_aux_loss_coef={effective}): the "
+            "fused log-prob head does not return router logits yet. Set router_aux_loss_coef=0.0 to silence this.",
+            stacklevel=4,
+        )
+    if is_moe:
+        text_config.output_router_logits = False
