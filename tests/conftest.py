@@ -37,6 +37,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+# Test folders whose tensors feed the Triton kernels directly
+KERNEL_TEST_DIRS = ("ops", "kernels")
+
+
+@pytest.fixture(autouse=True)
+def _tensors_where_triton_runs(request):
+    """Without CUDA, Triton interprets the kernels on CPU tensors; with CUDA it compiles them for the GPU, so the kernel
+    tests then build their tensors there (torch's default device) and check the compiled kernels in float32."""
+    if not torch.cuda.is_available() or request.node.path.parent.name not in KERNEL_TEST_DIRS:
+        yield
+        return
+    with torch.device("cuda"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Qwen2 causal LM and its byte-level tokenizer saved to a directory (loadable with from_pretrained)."""

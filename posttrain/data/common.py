@@ -46,3 +46,18 @@ def pad(
         else:
             row[length - len(seq) :] = seq
     return out
+
+
+def common_prefix_length(a: list, b: list) -> int:
+    """How many leading items `a` and `b` share.
+
+    Example:
+        >>> common_prefix_length([1, 2, 3, 4], [1, 2, 9])
+        2
+    """
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length

@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from transformers.utils import logging
 
-from .common import is_conversational, pad
+from .common import common_prefix_length, is_conversational, pad
 
 logger = logging.get_logger(__name__)
 
@@ -42,15 +42,6 @@ def extract_prompt(example: dict) -> dict:
     if 0 < split < shortest and chosen[split] != rejected[split] and chosen[split - 1] == " ":
         split -= 1
     return {"prompt": chosen[:split], "chosen": chosen[split:], "rejected": rejected[split:]}
-
-
-def _common_prefix_length(ids: list[int], other: list[int]) -> int:
-    length = 0
-    for a, b in zip(ids, other):
-        if a != b:
-            break
-        length += 1
-    return length
 
 
 def _tokenize_one(tokenizer, value, template_kwargs: dict | None, add_generation_prompt: bool = False) -> list[int]:
@@ -84,7 +75,7 @@ def tokenize_preference(example: dict, tokenizer) -> dict[str, list[int]]:
     prompt_ids = _tokenize_one(tokenizer, prompt, template_kwargs, add_generation_prompt=True)
     chosen_full = _tokenize_one(tokenizer, prompt + example["chosen"], template_kwargs)
     rejected_full = _tokenize_one(tokenizer, prompt + example["rejected"], template_kwargs)
-    prompt_len = min(_common_prefix_length(prompt_ids, chosen_full), _common_prefix_length(prompt_ids, rejected_full))
+    prompt_len = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
     if prompt_len < len(prompt_ids):
         logger.warning_once(
             "The tokenized prompt is not a prefix of the tokenized prompt + completion (the chat template renders the "

@@ -22,7 +22,7 @@ import warnings
 from datasets import Dataset
 from transformers import AddedToken, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .common import is_conversational
+from .common import common_prefix_length, is_conversational
 from .packing import pack_dataset
 
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -175,15 +175,6 @@ def _with_eos(text: str, eos_token: str | None) -> str:
     return text if eos_token is None or text.endswith(eos_token) else text + eos_token
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _prompt_completion_ids(example, tokenizer, eos_token, assistant_only_loss) -> dict:
     """input_ids of prompt + completion, completion_mask, and assistant_masks (conversational, assistant_only_loss)."""
     out = {}
@@ -207,7 +198,7 @@ def _prompt_completion_ids(example, tokenizer, eos_token, assistant_only_loss) -
         ids = tokenizer(text=example["prompt"] + _with_eos(example["completion"], eos_token))["input_ids"]
     # Where the prompt alone tokenizes differently (a template quirk, a token merging across the boundary), the
     # completion starts where the two diverge
-    prompt_len = _common_prefix(prompt_ids, ids)
+    prompt_len = common_prefix_length(prompt_ids, ids)
     if prompt_len < len(prompt_ids):
         warnings.warn(
             "The tokenized prompt is not a prefix of the tokenized prompt + completion; the completion is taken to "

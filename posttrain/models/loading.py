@@ -1,6 +1,7 @@
 """Loading models and tokenizers the way TRL's trainers do, and the optional PEFT wrapping."""
 
 import importlib.util
+import warnings
 
 import torch
 from accelerate import PartialState
@@ -35,26 +36,30 @@ def create_model(model_id: str, model_init_kwargs: dict | None = None, architect
 
 
 def resolve_model(model, model_init_kwargs: dict | None, field_name: str = "model") -> PreTrainedModel:
-    """A model given as a hub id / local path is loaded; a PreTrainedModel is returned as is (model_init_kwargs must
-    then be empty, as TRL requires)."""
+    """A model given as a hub id / local path is loaded; a PreTrainedModel is returned as is, and model_init_kwargs
+    then do nothing, which (as in TRL) is a warning."""
     if isinstance(model, str):
         return create_model(model, model_init_kwargs)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{field_name} must be a model id, a local path or a PreTrainedModel, got {type(model).__name__}")
     if model_init_kwargs:
-        raise ValueError(
-            f"model_init_kwargs is only used when {field_name} is a string (a hub id or a path), but {field_name} is an "
-            f"already-built {type(model).__name__}"
+        warnings.warn(
+            f"model_init_kwargs {sorted(model_init_kwargs)} are ignored: they are only used when {field_name} is a "
+            f"string (a hub id or a path), and {field_name} is an already-built {type(model).__name__}",
+            stacklevel=3,
         )
     return model
 
 
-def load_processing_class(model: PreTrainedModel | str):
-    """The tokenizer saved with `model` (its name_or_path), with a pad token (the eos token when it has none)."""
+def load_processing_class(model: PreTrainedModel | str, **from_pretrained_kwargs):
+    """The tokenizer saved with `model` (its name_or_path), with a pad token (the eos token when it has none).
+
+    from_pretrained_kwargs (e.g. revision, trust_remote_code) go to AutoTokenizer.from_pretrained.
+    """
     source = model if isinstance(model, str) else model.config._name_or_path
     if not source:
         raise ValueError("processing_class was not given and the model has no name_or_path to load a tokenizer from")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, **from_pretrained_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

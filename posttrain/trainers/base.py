@@ -1,8 +1,10 @@
 """What every posttrain trainer shares on top of transformers.Trainer."""
 
+import warnings
 from collections import defaultdict
 
 import transformers
+from accelerate.utils import is_peft_model
 from packaging.version import Version
 from transformers import Trainer
 
@@ -36,3 +38,39 @@ class PosttrainTrainer(Trainer):
         logs.update(metrics)
         super().log(logs, start_time)
         self._metrics[mode].clear()
+
+
+def keep_liger_off_the_head(args) -> None:
+    """TRL 1.16's deprecated use_liger_kernel: Liger's layer kernels may apply, but its fused linear cross entropy
+    would replace the model's forward, which posttrain patches with the fused log-prob head."""
+    if not args.use_liger_kernel:
+        return
+    warnings.warn(
+        "use_liger_kernel=True is deprecated (as in TRL 1.16, removed in 2.0): use model_init_kwargs={'use_kernels': "
+        "True}",
+        FutureWarning,
+        stacklevel=3,
+    )
+    liger_config = args.liger_kernel_config or {}
+    if liger_config.get("fused_linear_cross_entropy"):
+        raise ValueError(
+            "liger_kernel_config={'fused_linear_cross_entropy': True} would replace the model's forward, which "
+            "posttrain patches with its fused log-prob head"
+        )
+    args.liger_kernel_config = {**liger_config, "fused_linear_cross_entropy": False}
+
+
+def check_peft_model(model, gradient_checkpointing: bool) -> None:
+    """For a PEFT model: refuse an adapter on lm_head (the fused head reads lm_head.weight directly, so the adapter
+    would never train) and, under gradient checkpointing, make the inputs require grad so the adapters get one."""
+    if not is_peft_model(model):
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+        raise ValueError(
+            "a PEFT adapter on lm_head is not supported: the log-probs are computed from lm_head.weight directly, so "
+            "the adapter would never be trained; remove 'lm_head' from target_modules"
+        )
+    if gradient_checkpointing:
+        model.enable_input_require_grads()

@@ -31,7 +31,7 @@ from posttrain.models.lm_head import add_fused_logprob_head
 from posttrain.models.loading import apply_peft, create_model, disable_dropout
 from posttrain.ops.dpo_loss import dpo_loss
 
-from .base import PosttrainTrainer
+from .base import PosttrainTrainer, check_peft_model, keep_liger_off_the_head
 
 logger = logging.get_logger(__name__)
 
@@ -142,7 +142,6 @@ class DPOTrainer(PosttrainTrainer):
         self.ld_alpha = args.ld_alpha
         self.use_weighting = args.use_weighting
         self.precompute_ref_logps = args.precompute_ref_log_probs
-        self._check_lm_head_adapter(model)
 
         train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
         eval_dataset = self._prepare_eval_datasets(eval_dataset, processing_class, args)
@@ -165,7 +164,7 @@ class DPOTrainer(PosttrainTrainer):
             disable_dropout(model)
             if self.ref_model is not None:
                 disable_dropout(self.ref_model)
-        _handle_liger(args)
+        keep_liger_off_the_head(args)
         self._patch_models(args)
         self._total_train_tokens = 0
         parallelism = self.accelerator.parallelism_config
@@ -199,17 +198,6 @@ class DPOTrainer(PosttrainTrainer):
                 for name, dataset in eval_dataset.items()
             }
         return self._prepare_dataset(eval_dataset, processing_class, args, "eval")
-
-    def _check_lm_head_adapter(self, model) -> None:
-        if not is_peft_model(model):
-            return
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        if isinstance(model.get_output_embeddings(), BaseTunerLayer):
-            raise ValueError(
-                "a PEFT adapter on lm_head is not supported: log-probs are computed from lm_head.weight directly, so "
-                "the adapter would never be trained; remove 'lm_head' from target_modules"
-            )
 
     def _build_ref_model(self, ref_model, model_source, args: DPOConfig, quantization_config):
         if ref_model is not None:
@@ -587,8 +575,7 @@ def _wrap_peft(model, peft_config, ref_model, args: DPOConfig):
         model = apply_peft(model, peft_config)
     elif is_peft_model(model) and ref_model is None:
         _add_reference_adapter(model)
-    if is_peft_model(model) and args.gradient_checkpointing:
-        model.enable_input_require_grads()
+    check_peft_model(model, args.gradient_checkpointing)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # QLoRA: the adapter trains in bf16 (the DoRA magnitude stays fp32: its updates can underflow in bf16)
         for name, param in model.named_parameters():
@@ -632,23 +619,6 @@ def _check_moe_aux_loss(model, args: DPOConfig) -> None:
         f"{effective}), posttrain's DPOTrainer does not yet. Set router_aux_loss_coef=0.0 to silence this",
         stacklevel=3,
     )
-
-
-def _handle_liger(args: DPOConfig) -> None:
-    if not args.use_liger_kernel:
-        return
-    warnings.warn(
-        "use_liger_kernel=True is deprecated (as in TRL, removed in 2.0): use model_init_kwargs={'use_kernels': True}",
-        FutureWarning,
-        stacklevel=3,
-    )
-    liger_config = args.liger_kernel_config or {}
-    if liger_config.get("fused_linear_cross_entropy"):
-        raise ValueError(
-            "liger_kernel_config={'fused_linear_cross_entropy': True} would replace the model's forward, which this "
-            "trainer patches with its fused log-prob head"
-        )
-    args.liger_kernel_config = {**liger_config, "fused_linear_cross_entropy": False}
 
 
 def _activation_offloading(args: DPOConfig):

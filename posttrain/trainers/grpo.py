@@ -32,7 +32,7 @@ from posttrain.ops.grpo_loss import grpo_loss
 from posttrain.rewards.registry import resolve_reward_func
 from posttrain.rewards.scoring import reward_func_name, reward_model_scores, score_completions
 
-from .base import PosttrainTrainer
+from .base import PosttrainTrainer, check_peft_model
 from .generation import TransformersGeneration, VLLMColocateGeneration, no_grad_without_checkpointing
 
 # Loss types whose normalizer already spans the accumulated batch (TRL's num_items_in_batch)
@@ -195,7 +195,7 @@ class GRPOTrainer(PosttrainTrainer):
         _warn_loss_setup(args)
         set_seed(args.seed)  # before building the model: PEFT initializes its adapter randomly
         model = self._load_policy(model, args, quantization_config)
-        processing_class = self._setup_tokenizer(model, processing_class)
+        processing_class = self._setup_tokenizer(model, processing_class, args)
         model = self._wrap_peft(model, peft_config, args)
         self._check_moe(model, args)
         self.reward_funcs, self.reward_func_names = self._load_reward_funcs(reward_funcs, args)
@@ -275,9 +275,10 @@ class GRPOTrainer(PosttrainTrainer):
             raise ValueError("quantization_config only applies when model is a string (a hub id or a path)")
         return resolve_model(model, args.model_init_kwargs)
 
-    def _setup_tokenizer(self, model, processing_class):
+    def _setup_tokenizer(self, model, processing_class, args):
         if processing_class is None:
-            processing_class = load_processing_class(model)
+            revision = (args.model_init_kwargs or {}).get("revision")
+            processing_class = load_processing_class(model, revision=revision, trust_remote_code=args.trust_remote_code)
         if isinstance(processing_class, ProcessorMixin):
             raise NotImplementedError(
                 f"processing_class is a {type(processing_class).__name__} (a multimodal processor): posttrain's "
@@ -319,16 +320,7 @@ class GRPOTrainer(PosttrainTrainer):
                 "adapters disabled (TRL copies the initial adapter as the reference instead)",
                 stacklevel=3,
             )
-        if is_peft_model(model):
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            if isinstance(model.get_output_embeddings(), BaseTunerLayer):
-                raise ValueError(
-                    "a PEFT adapter on lm_head is not supported: the fused head reads lm_head.weight directly, so the "
-                    "adapter would never be trained; remove 'lm_head' from target_modules"
-                )
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()
+        check_peft_model(model, args.gradient_checkpointing)
         return model
 
     @staticmethod

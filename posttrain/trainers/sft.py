@@ -15,7 +15,7 @@ from posttrain.models.attention import use_padding_free_attention
 from posttrain.models.lm_head import add_fused_logprob_head
 from posttrain.models.loading import apply_peft, create_model, load_processing_class, resolve_model
 
-from .base import PosttrainTrainer
+from .base import PosttrainTrainer, check_peft_model, keep_liger_off_the_head
 
 _PACKED_STRATEGIES = ("bfd", "bfd_split")
 
@@ -146,7 +146,7 @@ class SFTTrainer(PosttrainTrainer):
                 "accelerate launch / torchrun, or make one GPU visible with CUDA_VISIBLE_DEVICES"
             )
         self._check_parallelism(args)
-        _keep_liger_off_the_head(args)
+        keep_liger_off_the_head(args)
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
         add_fused_logprob_head(base, entropy=True, stats=True, use_fused_kernels=args.use_fused_kernels)
         eval_packing = args.packing if args.eval_packing is None else args.eval_packing
@@ -344,13 +344,8 @@ def _load_model(model, args: SFTConfig, quantization_config) -> PreTrainedModel:
 
 
 def _default_tokenizer(model: PreTrainedModel, args: SFTConfig):
-    if args.trust_remote_code or (args.model_init_kwargs or {}).get("revision"):
-        warnings.warn(
-            "the tokenizer is loaded from the model's path without model_init_kwargs['revision'] / trust_remote_code "
-            "(not forwarded yet); pass processing_class to choose them",
-            stacklevel=3,
-        )
-    return load_processing_class(model)
+    revision = (args.model_init_kwargs or {}).get("revision")
+    return load_processing_class(model, revision=revision, trust_remote_code=args.trust_remote_code)
 
 
 def _tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
@@ -403,16 +398,7 @@ def _wrap_peft(model, peft_config, args: SFTConfig, added_tokens: list):
                 "is not supported yet: add the tokens before building the adapter"
             )
         model = apply_peft(model, peft_config)
-    if is_peft_model(model):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        if isinstance(model.get_output_embeddings(), BaseTunerLayer):
-            raise ValueError(
-                "a PEFT adapter on lm_head is not supported: the log-probs use lm_head.weight directly, so the adapter "
-                "would never train; remove 'lm_head' from target_modules"
-            )
-        if args.gradient_checkpointing:
-            model.enable_input_require_grads()
+    check_peft_model(model, args.gradient_checkpointing)
     return model
 
 
@@ -443,23 +429,6 @@ def _check_checkpointing_kwargs(args: SFTConfig) -> None:
             "supported by posttrain; remove 'selective'"
         )
     kwargs.pop("selective", None)  # False means off; torch's checkpoint would reject the key
-
-
-def _keep_liger_off_the_head(args: SFTConfig) -> None:
-    if not args.use_liger_kernel:
-        return
-    warnings.warn(
-        "use_liger_kernel=True is deprecated in SFT (as in TRL 1.16): use model_init_kwargs={'use_kernels': True}",
-        FutureWarning,
-        stacklevel=4,
-    )
-    config = args.liger_kernel_config or {}
-    if config.get("fused_linear_cross_entropy"):
-        raise ValueError(
-            "liger_kernel_config={'fused_linear_cross_entropy': True} would replace the model's forward, which "
-            "SFTTrainer patches with the fused log-prob head"
-        )
-    args.liger_kernel_config = {**config, "fused_linear_cross_entropy": False}
 
 
 def _disable_router_aux_loss(model: PreTrainedModel, coef: float | None) -> None:

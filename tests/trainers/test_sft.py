@@ -419,11 +419,12 @@ def test_assistant_only_loss_needs_generation_markers(tiny_model_dir, tmp_path):
         SFTTrainer(tiny_model_dir, args=args, train_dataset=_messages(), processing_class=tokenizer)
 
 
-def test_model_init_kwargs_with_a_built_model_is_an_error(tiny_model_dir, tmp_path):
+def test_model_init_kwargs_with_a_built_model_warn_as_in_trl(tiny_model_dir, tmp_path):
     model, _ = tiny_causal_lm()
-    args = _config(posttrain, tmp_path, model_init_kwargs={"dtype": "float32"})
-    with pytest.raises(ValueError, match="model_init_kwargs is only used when model is a string"):
-        SFTTrainer(model, args=args, train_dataset=_text(), processing_class=posttrain.models.byte_level_tokenizer())
+    args = _config(posttrain, tmp_path, model_init_kwargs={"dtype": "bfloat16"})
+    with pytest.warns(UserWarning, match=r"model_init_kwargs \['dtype'\] are ignored"):
+        trainer = SFTTrainer(model, args=args, train_dataset=_text(), processing_class=posttrain.models.byte_level_tokenizer())
+    assert trainer.model.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
