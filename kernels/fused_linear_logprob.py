@@ -118,6 +118,7 @@ def _fused_linear_logprob_fwd_kernel(
     part_ent_ptr,
     part_zsum_ptr,
     part_arg_ptr,
+    part_sq_ptr,
     tgt_logit_ptr,
     N,
     V,
@@ -153,6 +154,7 @@ def _fused_linear_logprob_fwd_kernel(
     ent = tl.zeros((BLOCK_N,), tl.float32)  # sum exp(z - m) * (z - m): relative to m, so |z| ~ 1e4 loses nothing
     zsum = tl.zeros((BLOCK_N,), tl.float32)
     arg = tl.zeros((BLOCK_N,), tl.int32)
+    sq = tl.zeros((BLOCK_N,), tl.float32)  # sum exp(2 (z - m)), for log sum_v p_v^2
     tgt_logit = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(v_start, v_stop, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
@@ -177,6 +179,7 @@ def _fused_linear_logprob_fwd_kernel(
             # strict '>' keeps the earlier tile on ties: the first maximum, as torch.argmax
             tile_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int32)
             arg = tl.where(tile_max > m, v0 + tile_arg, arg)
+            sq = alpha * alpha * sq + tl.sum(e * e, axis=1)
         is_tgt = (offs_v[None, :] == tgt[:, None]) & v_mask[None, :]
         tgt_logit += tl.sum(tl.where(is_tgt, z, 0.0), axis=1)
         m = m_new
@@ -189,6 +192,7 @@ def _fused_linear_logprob_fwd_kernel(
     if HAS_STATS:
         tl.store(part_zsum_ptr + part, zsum, mask=n_mask)
         tl.store(part_arg_ptr + part, arg, mask=n_mask)
+        tl.store(part_sq_ptr + part, sq, mask=n_mask)
     tl.store(tgt_logit_ptr + offs_n, tgt_logit, mask=n_mask & (tgt >= v_start) & (tgt < v_stop))
 
 
@@ -199,6 +203,7 @@ def _fused_linear_logprob_merge_kernel(
     part_ent_ptr,
     part_zsum_ptr,
     part_arg_ptr,
+    part_sq_ptr,
     tgt_logit_ptr,
     tgt_ptr,
     logprob_ptr,
@@ -207,6 +212,7 @@ def _fused_linear_logprob_merge_kernel(
     log_sum_ptr,
     mean_logit_ptr,
     is_argmax_ptr,
+    log_sum_sq_ptr,
     N,
     V,
     num_splits,
@@ -225,6 +231,7 @@ def _fused_linear_logprob_merge_kernel(
     zsum = tl.zeros((BLOCK_N,), tl.float32)
     best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK_N,), tl.int32)
+    sq = tl.zeros((BLOCK_N,), tl.float32)
     for split in range(0, num_splits):
         part = split * N + offs_n
         m_i = tl.load(part_max_ptr + part, mask=n_mask, other=0.0)
@@ -238,6 +245,7 @@ def _fused_linear_logprob_merge_kernel(
             better = m_i > best
             arg = tl.where(better, tl.load(part_arg_ptr + part, mask=n_mask, other=0), arg)
             best = tl.where(better, m_i, best)
+            sq += alpha * alpha * tl.load(part_sq_ptr + part, mask=n_mask, other=0.0)
 
     log_s = tl.log(s)
     tgt = tl.load(tgt_ptr + offs_n, mask=n_mask, other=ignore_index)
@@ -252,6 +260,7 @@ def _fused_linear_logprob_merge_kernel(
     if HAS_STATS:
         tl.store(mean_logit_ptr + offs_n, tl.where(valid, zsum / V, 0.0), mask=n_mask)
         tl.store(is_argmax_ptr + offs_n, valid & (arg == tgt), mask=n_mask)
+        tl.store(log_sum_sq_ptr + offs_n, tl.where(valid, tl.log(sq) - 2.0 * log_s, 0.0), mask=n_mask)
 
 
 @triton.autotune(configs=_configs(), key=["K", "N_BUCKET"])
@@ -342,8 +351,8 @@ def fused_linear_logprob_fwd(
 ) -> dict[str, torch.Tensor]:
     """Launch the forward. hidden [N, K], weight [V, K] (same dtype, stride 1 not required), targets [N] int64.
 
-    Returns float32 [N] tensors "logprob", with the flags "entropy", "mean_logit" and the bool "is_argmax" (rows whose
-    target is ignore_index get 0 / False), and "lse": [2, N], each row's logsumexp of the scaled logits as
+    Returns float32 [N] tensors "logprob", with the flags "entropy", "mean_logit", the bool "is_argmax" and
+    "log_sum_sq_probs" (log sum_v p_v^2) (rows whose target is ignore_index get 0 / False), and "lse": [2, N], each row's logsumexp of the scaled logits as
     (max, log-sum), which the backward takes.
     """
     N, K = hidden.shape
@@ -356,11 +365,12 @@ def fused_linear_logprob_fwd(
     part_ent = torch.empty((num_splits, N), **f32) if with_entropy else part_sum
     part_zsum = torch.empty((num_splits, N), **f32) if with_stats else part_sum
     part_arg = torch.empty((num_splits, N), device=device, dtype=torch.int32) if with_stats else part_sum
+    part_sq = torch.empty((num_splits, N), **f32) if with_stats else part_sum
     tgt_logit = torch.zeros(N, **f32)
     n_bucket = _n_bucket(N)
     _fused_linear_logprob_fwd_kernel[_grid_1d(lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * num_splits)](
         hidden, weight, bias if bias is not None else hidden, targets,
-        part_max, part_sum, part_ent, part_zsum, part_arg, tgt_logit,
+        part_max, part_sum, part_ent, part_zsum, part_arg, part_sq, tgt_logit,
         N, V, K, n_bucket, num_splits, split_v,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         temperature,
@@ -374,11 +384,12 @@ def fused_linear_logprob_fwd(
     if with_stats:
         out["mean_logit"] = torch.empty(N, **f32)
         out["is_argmax"] = torch.empty(N, device=device, dtype=torch.bool)
+        out["log_sum_sq_probs"] = torch.empty(N, **f32)
     block_n = 128
     _fused_linear_logprob_merge_kernel[(triton.cdiv(N, block_n),)](
-        part_max, part_sum, part_ent, part_zsum, part_arg, tgt_logit, targets,
+        part_max, part_sum, part_ent, part_zsum, part_arg, part_sq, tgt_logit, targets,
         out["logprob"], out.get("entropy", part_sum), out["lse"][0], out["lse"][1], out.get("mean_logit", part_sum),
-        out.get("is_argmax", part_sum),
+        out.get("is_argmax", part_sum), out.get("log_sum_sq_probs", part_sum),
         N, V, num_splits, ignore_index,
         HAS_ENTROPY=with_entropy, HAS_STATS=with_stats, BLOCK_N=block_n,
     )  # fmt: skip

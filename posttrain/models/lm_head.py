@@ -21,13 +21,15 @@ class TokenLogprobOutput(ModelOutput):
 
     Every per-token field is [B, T - 1], aligned with labels[:, 1:] (the next-token targets), and 0 / False where that
     label is -100. logprobs and entropy are float32 and differentiable; mean_logit (mean over the vocabulary of the
-    temperature-scaled logits) and is_argmax (the label is the most likely token) carry no gradient.
+    temperature-scaled logits), is_argmax (the label is the most likely token) and log_sum_sq_probs (log sum_v p_v^2)
+    carry no gradient.
     """
 
     logprobs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     mean_logit: torch.Tensor | None = None
     is_argmax: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
 
 
@@ -78,7 +80,7 @@ def add_fused_logprob_head(
         model: a transformers causal LM (before PEFT wrapping or after; patch the underlying model).
         temperature: the logits are divided by it (GRPO's sampling temperature).
         entropy: also return the per-token entropy (differentiable).
-        stats: also return mean_logit and is_argmax (for logits/* and token-accuracy metrics).
+        stats: also return mean_logit, is_argmax and log_sum_sq_probs (logits/*, token accuracy, WPO weights).
 
     Example:
         >>> add_fused_logprob_head(model, entropy=True)
@@ -123,16 +125,15 @@ def _fused_outputs(hidden, head, labels, temperature, entropy, stats) -> TokenLo
         return_entropy=entropy, return_stats=stats,
     )  # fmt: skip
     if stats:
-        logprobs, ent, mean_logit, is_argmax = result
+        logprobs, ent, *extra = result
     else:
-        (logprobs, ent), mean_logit, is_argmax = (result if entropy else (result, None)), None, None
-    return TokenLogprobOutput(
-        logprobs=_scatter(mask, logprobs),
-        entropy=_scatter(mask, ent) if ent is not None else None,
-        mean_logit=_scatter(mask, mean_logit) if stats else None,
-        is_argmax=_scatter(mask, is_argmax) if stats else None,
-        label_mask=mask,
+        (logprobs, ent), extra = (result if entropy else (result, None)), ()
+    out = TokenLogprobOutput(
+        logprobs=_scatter(mask, logprobs), entropy=_scatter(mask, ent) if ent is not None else None, label_mask=mask
     )
+    for name, values in zip(("mean_logit", "is_argmax", "log_sum_sq_probs"), extra):
+        setattr(out, name, _scatter(mask, values))
+    return out
 
 
 def _plain_outputs(logits, labels, temperature, entropy, stats) -> TokenLogprobOutput:
@@ -142,6 +143,8 @@ def _plain_outputs(logits, labels, temperature, entropy, stats) -> TokenLogprobO
     out = TokenLogprobOutput(logprobs=logprobs, entropy=ent, label_mask=mask)
     if stats:
         with torch.no_grad():
-            out.mean_logit = torch.where(mask, (logits.float() / temperature).mean(-1), 0.0)
+            z = logits.float() / temperature
+            out.mean_logit = torch.where(mask, z.mean(-1), 0.0)
             out.is_argmax = (logits.argmax(-1) == labels) & mask
+            out.log_sum_sq_probs = torch.where(mask, torch.logsumexp(2.0 * z, -1) - 2.0 * torch.logsumexp(z, -1), 0.0)
     return out

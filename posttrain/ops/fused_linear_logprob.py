@@ -16,13 +16,15 @@ class TokenLogprobs(NamedTuple):
 
     logprobs: float32 log p(target). entropy: float32, or None unless return_entropy. mean_logit: float32 mean over the
     vocabulary of the temperature-scaled logits. is_argmax: bool, whether the target is the (first) most likely token.
-    Rows whose target is ignore_index hold 0 / False.
+    log_sum_sq_probs: float32 log sum_v p_v^2 (WPO's normalizer). Rows whose target is ignore_index hold 0 / False.
+    Only logprobs and entropy carry gradients.
     """
 
     logprobs: torch.Tensor
     entropy: torch.Tensor | None
     mean_logit: torch.Tensor
     is_argmax: torch.Tensor
+    log_sum_sq_probs: torch.Tensor
 
 
 def _ref_chunk(hidden, targets, weight, bias, temperature, ignore_index, with_entropy, with_stats):
@@ -37,6 +39,7 @@ def _ref_chunk(hidden, targets, weight, bias, temperature, ignore_index, with_en
     if with_stats:
         outs.append(torch.where(valid, z.mean(-1), 0.0))
         outs.append((z.argmax(-1) == targets) & valid)
+        outs.append(torch.where(valid, torch.logsumexp(2.0 * log_p, -1), 0.0))
     return tuple(outs)
 
 
@@ -57,7 +60,8 @@ def fused_linear_logprob_ref(
     Math runs in float32 (float64 for float64 inputs). Rows are processed `chunk_rows` at a time under activation
     checkpointing, so neither pass holds more than [chunk_rows, V] logits.
 
-    Returns a tuple: logprobs, then entropy if return_entropy, then mean_logit and is_argmax if return_stats.
+    Returns a tuple: logprobs, then entropy if return_entropy, then mean_logit, is_argmax and log_sum_sq_probs if
+    return_stats.
     """
     args = (weight, bias, temperature, ignore_index, return_entropy, return_stats)
     return map_row_chunks(_ref_chunk, (hidden, targets), args, chunk_rows)
@@ -67,7 +71,8 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels (posttrain.kernels.fused_linear_logprob) on 2-D inputs.
 
     forward(hidden, weight, bias, targets, temperature, ignore_index, return_entropy, return_stats) returns
-    (logprobs, entropy or None, mean_logit or None, is_argmax or None); gradients flow from logprobs and entropy.
+    (logprobs, entropy or None, mean_logit, is_argmax, log_sum_sq_probs (each None without return_stats)); gradients
+    flow from logprobs and entropy.
     """
 
     @staticmethod
@@ -82,9 +87,9 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
         ctx.ignore_index = ignore_index
         # A gradient that never arrives (e.g. entropy only logged) stays None instead of a tensor of zeros
         ctx.set_materialize_grads(False)
-        stats = [out[k] for k in ("mean_logit", "is_argmax") if k in out]
+        stats = [out[k] for k in ("mean_logit", "is_argmax", "log_sum_sq_probs") if k in out]
         ctx.mark_non_differentiable(*stats)
-        return out["logprob"], out.get("entropy"), *(stats or (None, None))
+        return out["logprob"], out.get("entropy"), *(stats or (None, None, None))
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy, *_):
@@ -93,7 +98,7 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if (grad_logprob is None and grad_entropy is None) or not any(needs):
-            return (None,) * 8
+            return (None,) * 8  # one per forward input
         grads = fused_linear_logprob_bwd(
             hidden, weight, bias, targets, lse, entropy,
             grad_logprob.float().contiguous() if grad_logprob is not None else None,
@@ -147,7 +152,8 @@ def fused_linear_logprob(
         temperature: > 0; logits are divided by it before the softmax.
         ignore_index: target value whose rows get 0 (log-prob, entropy) and no gradient.
         return_entropy: also return the float32 entropy of each row's distribution (differentiable).
-        return_stats: return a `TokenLogprobs` with the mean logit and whether the target is the argmax as well.
+        return_stats: return a `TokenLogprobs` with the mean logit, whether the target is the argmax and
+            log sum_v p_v^2 as well.
         impl: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch), "triton" or "torch".
 
     Returns:

@@ -37,8 +37,6 @@ logger = logging.get_logger(__name__)
 
 # Batch keys that are not model inputs
 NON_MODEL_KEYS = {"completion_mask", "sequence_lengths", *REF_COLUMNS}
-# Rows of the last hidden state per chunk when WPO's log sum_v p_v^2 is computed ([chunk, V] logits at a time)
-WPO_CHUNK_ROWS = 1024
 
 
 class SyncRefModelCallback(TrainerCallback):
@@ -327,11 +325,10 @@ class DPOTrainer(PosttrainTrainer):
         and the batch's metrics appended to self._metrics."""
         mode = "train" if self.model.training else "eval"
         model_kwargs, labels = _model_inputs(inputs)
-        with _capture_last_hidden(self._policy_lm(), enabled=self.use_weighting) as captured:
-            outputs = model(**model_kwargs, logprob_labels=labels)
+        outputs = model(**model_kwargs, logprob_labels=labels)
         tokens = {
             name: _per_sequence(getattr(outputs, name), inputs)
-            for name in ("logprobs", "label_mask", "entropy", "mean_logit", "is_argmax")
+            for name in ("logprobs", "label_mask", "entropy", "mean_logit", "is_argmax", "log_sum_sq_probs")
         }
         mask = tokens["label_mask"]
         chosen_logps, rejected_logps = _sequence_logps(tokens["logprobs"], mask, self.ld_alpha).chunk(2)
@@ -340,7 +337,7 @@ class DPOTrainer(PosttrainTrainer):
         else:
             reference = self.ref_model if self.ref_model is not None else self.model
             ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(reference, inputs)
-        pair_weights = self._wpo_weights(captured, outputs.label_mask, tokens, inputs) if self.use_weighting else None
+        pair_weights = _wpo_weights(tokens) if self.use_weighting else None
         logps = (chosen_logps, rejected_logps, ref_chosen_logps.to(chosen_logps), ref_rejected_logps.to(chosen_logps))
         loss = self._preference_loss(logps, tokens, inputs, pair_weights)
         self._log_metrics(mode, logps, tokens, inputs)
@@ -383,17 +380,6 @@ class DPOTrainer(PosttrainTrainer):
                 per_pair = per_pair * pair_weights
             loss = loss + per_pair.mean() * weight
         return loss
-
-    def _wpo_weights(self, captured: dict, label_mask, tokens, inputs) -> torch.Tensor:
-        """WPO's per-pair weight: exp(mean over the chosen completion of log p(token) - log sum_v p_v^2) times the same
-        for the rejected completion, without gradient."""
-        with torch.no_grad():
-            log_sum_sq = _per_sequence(_log_sum_sq_probs(captured["hidden"], self._policy_lm(), label_mask), inputs)
-            mask = tokens["label_mask"]
-            aligned = (tokens["logprobs"] - log_sum_sq) * mask
-            weights = torch.exp(aligned.sum(1) / mask.sum(1).clamp_min(1))
-            chosen_weights, rejected_weights = weights.chunk(2)
-            return chosen_weights * rejected_weights
 
     def _log_metrics(self, mode: str, logps, tokens, inputs) -> None:
         metrics, total = self._metrics[mode], self._sum_over_processes
@@ -713,54 +699,12 @@ def _sequence_logps(per_token: torch.Tensor, mask: torch.Tensor, ld_alpha: float
     return shared_logps + ld_alpha * tail_logps
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# WPO's log sum_v p_v^2, from the captured last hidden state
-
-
-@contextlib.contextmanager
-def _capture_last_hidden(causal_lm, enabled: bool):
-    """Record the backbone's last hidden state during a forward of `causal_lm` (when enabled)."""
-    captured = {}
-    if not enabled:
-        yield captured
-        return
-
-    def hook(module, args, output):
-        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    handle = causal_lm.base_model.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def _output_logits(causal_lm, hidden: torch.Tensor) -> torch.Tensor:
-    # The logits as the model's own forward makes them: scaled (Cohere, Granite) and soft-capped (Gemma 2) where it is
-    config = causal_lm.config.get_text_config()
-    head = causal_lm.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    if hasattr(weight, "full_tensor"):
-        weight, bias = weight.full_tensor(), bias.full_tensor() if bias is not None else None
-    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
-    scale = getattr(config, "logit_scale", None)
-    if scale is None and getattr(config, "logits_scaling", None):
-        scale = 1.0 / config.logits_scaling
-    if scale is not None:
-        logits = logits * scale
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
-def _log_sum_sq_probs(hidden: torch.Tensor, causal_lm, label_mask: torch.Tensor) -> torch.Tensor:
-    """log sum_v p_v^2 of each next-token distribution where label_mask is set ([R, T - 1], 0 elsewhere), from the
-    last hidden state [R, T, H], WPO_CHUNK_ROWS rows of logits at a time."""
-    rows = hidden[:, :-1][label_mask]
-    pieces = []
-    for start in range(0, rows.shape[0], WPO_CHUNK_ROWS):
-        logits = _output_logits(causal_lm, rows[start : start + WPO_CHUNK_ROWS])
-        pieces.append(torch.logsumexp(2.0 * logits, -1) - 2.0 * torch.logsumexp(logits, -1))
-    values = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
-    return torch.zeros(label_mask.shape, dtype=torch.float32, device=values.device).masked_scatter(label_mask, values)
+def _wpo_weights(tokens: dict) -> torch.Tensor:
+    """WPO's per-pair weight: exp(mean over the chosen completion of log p(token) - log sum_v p_v^2) times the same
+    for the rejected completion, without gradient."""
+    with torch.no_grad():
+        mask = tokens["label_mask"]
+        aligned = (tokens["logprobs"] - tokens["log_sum_sq_probs"]) * mask
+        weights = torch.exp(aligned.sum(1) / mask.sum(1).clamp_min(1))
+        chosen_weights, rejected_weights = weights.chunk(2)
+        return chosen_weights * rejected_weights

@@ -18,7 +18,7 @@ def test_vocabulary_splits_agree(split_v):
         45, 32, 2900, bias=True, ignore_frac=0.2, logit_scale=5.0))  # fmt: skip
     one = _forward(hidden, weight, bias, targets, split_v=4096)
     many = _forward(hidden, weight, bias, targets, split_v=split_v)
-    for key in ("logprob", "entropy", "mean_logit", "lse"):
+    for key in ("logprob", "entropy", "mean_logit", "log_sum_sq_probs", "lse"):
         torch.testing.assert_close(many[key], one[key], rtol=1e-5, atol=1e-5, msg=key)
     assert torch.equal(many["is_argmax"], one["is_argmax"])
 

@@ -21,7 +21,8 @@ def _reference(model, ids, attention_mask, labels, temperature):
     log_p = logits.log_softmax(-1)
     logprobs = log_p.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
     entropy = -(log_p.exp() * log_p).sum(-1) * mask
-    return logprobs, entropy, logits.mean(-1) * mask, (logits.argmax(-1) == target) & mask
+    log_sum_sq = torch.logsumexp(2 * log_p, -1) * mask
+    return logprobs, entropy, logits.mean(-1) * mask, (logits.argmax(-1) == target) & mask, log_sum_sq
 
 
 @pytest.mark.parametrize("use_fused_kernels", [True, False], ids=["fused", "plain"])
@@ -37,6 +38,7 @@ def test_patched_forward_matches_full_logits(use_fused_kernels, temperature):
     torch.testing.assert_close(out.entropy.double(), expected[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.mean_logit.double(), expected[2], rtol=1e-5, atol=1e-5)
     assert torch.equal(out.is_argmax, expected[3])
+    torch.testing.assert_close(out.log_sum_sq_probs.double(), expected[4], rtol=1e-5, atol=1e-5)
     assert torch.equal(out.label_mask, labels[:, 1:] != -100)
 
 

@@ -148,6 +148,10 @@ def test_stats_match_reference():
     assert torch.equal(out.is_argmax, ref.is_argmax)
     expected_mean = torch.where(targets != -100, (logits / 0.5).mean(-1), 0.0)
     torch.testing.assert_close(out.mean_logit, expected_mean, rtol=1e-5, atol=1e-5)
+    log_p = (logits.double() / 0.5).log_softmax(-1)
+    expected_sq = torch.where(targets != -100, torch.logsumexp(2 * log_p, -1), 0.0)
+    torch.testing.assert_close(out.log_sum_sq_probs.double(), expected_sq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.log_sum_sq_probs.double(), expected_sq, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
 
 
