@@ -131,13 +131,13 @@ std::tuple<at::Tensor, at::Tensor> grpo_advantages(const at::Tensor& rewards, co
 
 // The float32 contiguous operands of the loss kernels (kept alive by the caller) and the kernels' view of them.
 struct LossOperands {
-  at::Tensor logps, old_logps, ref_logps, advantages, mask;
+  at::Tensor logps, old_logps, ref_logps, advantages, mask, weights;
   posttrain::GrpoLossInputs inputs;
 };
 
 LossOperands loss_operands(const at::Tensor& logps, const at::Tensor& old_logps,
                            const std::optional<at::Tensor>& ref_logps, const at::Tensor& advantages,
-                           const at::Tensor& mask, double beta, double epsilon_low, double epsilon_high,
+                           const at::Tensor& mask, const std::optional<at::Tensor>& policy_weights, double beta, double epsilon_low, double epsilon_high,
                            std::optional<double> delta, double sapo_temperature_pos, double sapo_temperature_neg,
                            int64_t loss_code, bool sequence_level, bool bias_correction_kl) {
   TORCH_CHECK(logps.dim() == 2, "logps must be [B, T], got ", logps.sizes());
@@ -149,6 +149,13 @@ LossOperands loss_operands(const at::Tensor& logps, const at::Tensor& old_logps,
   op.advantages = as_f32(advantages, "advantages");
   const bool has_kl = ref_logps.has_value() && ref_logps->defined();
   if (has_kl) op.ref_logps = as_f32(*ref_logps, "ref_logps");
+  const bool has_weights = policy_weights.has_value() && policy_weights->defined();
+  if (has_weights) {
+    TORCH_CHECK(policy_weights->dim() == 2 && policy_weights->size(0) == op.logps.size(0) &&
+                    (policy_weights->size(1) == 1 || policy_weights->size(1) == op.logps.size(1)),
+                "policy_weights must be [B, T] or [B, 1], got ", policy_weights->sizes());
+    op.weights = as_f32(policy_weights->expand(op.logps.sizes()), "policy_weights");
+  }
   for (const at::Tensor* t : {&op.old_logps, &op.mask}) {
     TORCH_CHECK(t->sizes() == op.logps.sizes(), "old_logps and mask must match logps ", op.logps.sizes());
   }
@@ -160,6 +167,7 @@ LossOperands loss_operands(const at::Tensor& logps, const at::Tensor& old_logps,
                has_kl ? op.ref_logps.data_ptr<float>() : nullptr,
                op.advantages.data_ptr<float>(),
                op.mask.data_ptr<float>(),
+               has_weights ? op.weights.data_ptr<float>() : nullptr,
                op.logps.size(1),
                static_cast<float>(beta),
                static_cast<float>(epsilon_low),
@@ -176,13 +184,14 @@ LossOperands loss_operands(const at::Tensor& logps, const at::Tensor& old_logps,
 
 std::vector<at::Tensor> grpo_loss_fwd(const at::Tensor& logps, const at::Tensor& old_logps,
                                       const std::optional<at::Tensor>& ref_logps, const at::Tensor& advantages,
-                                      const at::Tensor& mask, double beta, double epsilon_low, double epsilon_high,
+                                      const at::Tensor& mask, const std::optional<at::Tensor>& policy_weights,
+                                      double beta, double epsilon_low, double epsilon_high,
                                       std::optional<double> delta, double sapo_temperature_pos,
                                       double sapo_temperature_neg, int64_t loss_code, bool sequence_level,
                                       bool bias_correction_kl) {
-  const LossOperands op = loss_operands(logps, old_logps, ref_logps, advantages, mask, beta, epsilon_low,
-                                        epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg, loss_code,
-                                        sequence_level, bias_correction_kl);
+  const LossOperands op = loss_operands(logps, old_logps, ref_logps, advantages, mask, policy_weights, beta,
+                                        epsilon_low, epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg,
+                                        loss_code, sequence_level, bias_correction_kl);
   const c10::cuda::CUDAGuard guard(op.logps.device());
   const int64_t batch = op.logps.size(0);
   std::vector<at::Tensor> out;  // loss, tokens, kl, clip_low, clip_high, clip_region, coef, dcoef
@@ -197,14 +206,15 @@ std::vector<at::Tensor> grpo_loss_fwd(const at::Tensor& logps, const at::Tensor&
 
 at::Tensor grpo_loss_bwd(const at::Tensor& logps, const at::Tensor& old_logps,
                          const std::optional<at::Tensor>& ref_logps, const at::Tensor& advantages,
-                         const at::Tensor& mask, const at::Tensor& grad_rows, const at::Tensor& tokens,
+                         const at::Tensor& mask, const std::optional<at::Tensor>& policy_weights,
+                         const at::Tensor& grad_rows, const at::Tensor& tokens,
                          const at::Tensor& coef, const at::Tensor& dcoef, double beta, double epsilon_low,
                          double epsilon_high, std::optional<double> delta, double sapo_temperature_pos,
                          double sapo_temperature_neg, int64_t loss_code, bool sequence_level,
                          bool bias_correction_kl) {
-  const LossOperands op = loss_operands(logps, old_logps, ref_logps, advantages, mask, beta, epsilon_low,
-                                        epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg, loss_code,
-                                        sequence_level, bias_correction_kl);
+  const LossOperands op = loss_operands(logps, old_logps, ref_logps, advantages, mask, policy_weights, beta,
+                                        epsilon_low, epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg,
+                                        loss_code, sequence_level, bias_correction_kl);
   const int64_t batch = op.logps.size(0);
   for (const at::Tensor* t : {&grad_rows, &tokens, &coef, &dcoef}) check_rows(*t, "per-row input", batch);
   const c10::cuda::CUDAGuard guard(op.logps.device());
@@ -229,12 +239,13 @@ TORCH_LIBRARY(posttrain, m) {
       "grpo_advantages(Tensor rewards, Tensor weights, int num_generations, int scale, bool normalize_then_sum, "
       "bool return_std) -> (Tensor advantages, Tensor std)");
   m.def(
-      "grpo_loss_fwd(Tensor logps, Tensor old_logps, Tensor? ref_logps, Tensor advantages, Tensor mask, float beta, "
+      "grpo_loss_fwd(Tensor logps, Tensor old_logps, Tensor? ref_logps, Tensor advantages, Tensor mask, "
+      "Tensor? policy_weights, float beta, "
       "float epsilon_low, float epsilon_high, float? delta, float sapo_temperature_pos, float sapo_temperature_neg, "
       "int loss_code, bool sequence_level, bool bias_correction_kl) -> Tensor[]");
   m.def(
       "grpo_loss_bwd(Tensor logps, Tensor old_logps, Tensor? ref_logps, Tensor advantages, Tensor mask, "
-      "Tensor grad_rows, Tensor tokens, Tensor coef, Tensor dcoef, float beta, float epsilon_low, float epsilon_high, "
+      "Tensor? policy_weights, Tensor grad_rows, Tensor tokens, Tensor coef, Tensor dcoef, float beta, float epsilon_low, float epsilon_high, "
       "float? delta, float sapo_temperature_pos, float sapo_temperature_neg, int loss_code, bool sequence_level, "
       "bool bias_correction_kl) -> Tensor");
 }

@@ -163,7 +163,7 @@ cudaError_t launch_advantages(const AdvantageArgs& a, float* advantages, float* 
 // Loss. One block per sequence; threads stride over its tokens and the per-row sums are block-reduced.
 
 struct LossArgs {
-  const float *logps, *old_logps, *ref_logps, *advantages, *mask;  // [B, T] contiguous (advantages [B])
+  const float *logps, *old_logps, *ref_logps, *advantages, *mask, *weights;  // [B, T] contiguous (advantages [B])
   int64_t T;
   float beta, eps_low, eps_high, delta, t_pos, t_neg;
   int loss_code;  // 0 clipped surrogate (grpo, bnpo, dr_grpo, dapo, luspo), 1 cispo, 2 sapo
@@ -255,6 +255,7 @@ __global__ void __launch_bounds__(kLossThreads) grpo_loss_fwd_kernel(LossArgs a,
     const float m = a.mask[i], logp = a.logps[i];
     const float c = a.sequence_level ? c_seq : expf(logp - a.old_logps[i]);
     PolicyTerm term = policy_term(a, c, adv, logp);
+    if (a.weights != nullptr) term.loss *= a.weights[i], term.grad *= a.weights[i];
     if (a.sequence_level && a.loss_code != 1) v[kDcoef] += term.grad * m;
     if (a.has_kl) {
       const float d = a.ref_logps[i] - logp;
@@ -303,7 +304,7 @@ __global__ void __launch_bounds__(kLossThreads)
     const int64_t i = row * a.T + t;
     const float m = a.mask[i], logp = a.logps[i];
     const float c = a.sequence_level ? c_seq : expf(logp - a.old_logps[i]);
-    const float grad = policy_term(a, c, adv, logp).grad;
+    const float grad = policy_term(a, c, adv, logp).grad * (a.weights != nullptr ? a.weights[i] : 1.f);
     float dl = a.loss_code == 1 ? grad : (a.sequence_level ? 0.f : grad * c);
     if (a.sequence_level) dl += coupling;
     if (a.has_kl) {
@@ -320,7 +321,7 @@ __global__ void __launch_bounds__(kLossThreads)
 }
 
 LossArgs loss_args(const GrpoLossInputs& in) {
-  return {in.logps,    in.old_logps,      in.ref_logps, in.advantages, in.mask,
+  return {in.logps,    in.old_logps,      in.ref_logps, in.advantages, in.mask, in.policy_weights,
           in.T,        in.beta,           in.eps_low,   in.eps_high,   in.delta,
           in.sapo_temperature_pos,        in.sapo_temperature_neg,      in.loss_code,
           in.sequence_level,              in.ref_logps != nullptr,      in.bias_correction_kl,

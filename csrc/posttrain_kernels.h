@@ -36,7 +36,8 @@ cudaError_t grpo_advantages(const float* rewards, int64_t batch, int64_t num_fun
                             bool normalize_then_sum, float* advantages, float* std_out, cudaStream_t stream);
 
 // Inputs of the GRPO loss kernels: contiguous float32 [batch, T] logps, old_logps, mask (and ref_logps, null when
-// beta == 0), advantages [batch], and GRPOConfig's options. loss_code: 0 clipped surrogate (grpo, bnpo, dr_grpo, dapo,
+// beta == 0; policy_weights, null for all ones: they multiply each token's policy term, not its KL term),
+// advantages [batch], and GRPOConfig's options. loss_code: 0 clipped surrogate (grpo, bnpo, dr_grpo, dapo,
 // luspo), 1 cispo, 2 sapo.
 struct GrpoLossInputs {
   const float* logps;
@@ -44,6 +45,7 @@ struct GrpoLossInputs {
   const float* ref_logps;
   const float* advantages;
   const float* mask;
+  const float* policy_weights;
   int64_t T;
   float beta, eps_low, eps_high, delta, sapo_temperature_pos, sapo_temperature_neg;
   int loss_code;

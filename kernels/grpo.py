@@ -258,6 +258,7 @@ def _grpo_loss_fwd_kernel(
     ref_ptr,
     adv_ptr,
     mask_ptr,
+    w_ptr,
     loss_ptr,
     tokens_ptr,
     kl_ptr,
@@ -275,6 +276,8 @@ def _grpo_loss_fwd_kernel(
     stride_rt,
     stride_mb,
     stride_mt,
+    stride_wb,
+    stride_wt,
     beta,
     eps_low,
     eps_high,
@@ -286,10 +289,12 @@ def _grpo_loss_fwd_kernel(
     HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr,
     HAS_DELTA: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     adv = tl.load(adv_ptr + row).to(tl.float32)
+    w_row = w_ptr + row * stride_wb
     logp_row = logp_ptr + row * stride_lb
     old_row = old_ptr + row * stride_ob
     ref_row = ref_ptr + row * stride_rb
@@ -322,6 +327,9 @@ def _grpo_loss_fwd_kernel(
             t0, T, mask_row, logp_row, old_row, stride_mt, stride_lt, stride_ot, c_seq, SEQ, BLOCK_T
         )
         loss, grad = _policy_term(c, adv, logp, eps_low, eps_high, delta, t_pos, t_neg, LOSS, HAS_DELTA)
+        if HAS_WEIGHTS:
+            w = _load_row_tile(w_row, stride_wt, offs, in_row)
+            loss, grad = loss * w, grad * w
         if SEQ and LOSS != 1:
             acc_dcoef += grad * m
         if HAS_KL:
@@ -367,6 +375,7 @@ def _grpo_loss_bwd_kernel(
     ref_ptr,
     adv_ptr,
     mask_ptr,
+    w_ptr,
     grad_row_ptr,
     tokens_ptr,
     coef_ptr,
@@ -383,6 +392,8 @@ def _grpo_loss_bwd_kernel(
     stride_mt,
     stride_db,
     stride_dt,
+    stride_wb,
+    stride_wt,
     beta,
     eps_low,
     eps_high,
@@ -394,10 +405,12 @@ def _grpo_loss_bwd_kernel(
     HAS_KL: tl.constexpr,
     BIAS_KL: tl.constexpr,
     HAS_DELTA: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     # d(sum_t mask_t * per-token loss_t)/d(logp_s), times the upstream gradient of that row sum
     row = tl.program_id(0).to(tl.int64)
+    w_row = w_ptr + row * stride_wb
     adv = tl.load(adv_ptr + row).to(tl.float32)
     g_row = tl.load(grad_row_ptr + row)
     logp_row = logp_ptr + row * stride_lb
@@ -418,6 +431,8 @@ def _grpo_loss_bwd_kernel(
             t0, T, mask_row, logp_row, old_row, stride_mt, stride_lt, stride_ot, c_seq, SEQ, BLOCK_T
         )
         _, grad = _policy_term(c, adv, logp, eps_low, eps_high, delta, t_pos, t_neg, LOSS, HAS_DELTA)
+        if HAS_WEIGHTS:
+            grad = grad * _load_row_tile(w_row, stride_wt, offs, in_row)
         if LOSS == 1:
             dl = grad
         elif SEQ:
@@ -447,13 +462,16 @@ def _block_t(T: int, block_t: int | None) -> int:
 
 
 def _operands(logps, old_logps, ref_logps, mask, cfg):
-    """(old_logps, ref_logps, mask, has_kl) as the kernels read them: logps stands in for an absent or unused input."""
+    """(old_logps, ref_logps, mask, weights, has_kl) as the kernels read them: logps stands in for an absent or unused
+    input; cfg["policy_weights"] ([B, T] or [B, 1], or None) is broadcast to [B, T] without copying."""
     has_kl = cfg["beta"] != 0.0
     old_logps = old_logps if old_logps is not None else logps
     ref_logps = ref_logps if has_kl else logps
     # Triton reads torch.bool as i1; the same bytes as uint8 load everywhere
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    return old_logps, ref_logps, mask, has_kl
+    weights = cfg.get("policy_weights")
+    weights = weights.expand(logps.shape) if weights is not None else logps
+    return old_logps, ref_logps, mask, weights, has_kl
 
 
 def _scalars(cfg: dict) -> tuple:
@@ -472,6 +490,7 @@ def _flags(cfg: dict, has_kl: bool) -> dict:
         "HAS_KL": has_kl,
         "BIAS_KL": bool(cfg["use_bias_correction_kl"]),
         "HAS_DELTA": cfg["delta"] is not None,
+        "HAS_WEIGHTS": cfg.get("policy_weights") is not None,
     }
 
 
@@ -487,22 +506,23 @@ def grpo_loss_fwd(
     """Per-sequence sums of the GRPO per-token loss. logps, old_logps, ref_logps, mask [B, T] (any strides), advantages [B].
 
     cfg holds loss_type, importance_sampling_level, beta, epsilon_low, epsilon_high, delta, sapo_temperature_pos,
-    sapo_temperature_neg and use_bias_correction_kl (as GRPOConfig). old_logps None means logps itself; ref_logps is
+    sapo_temperature_neg and use_bias_correction_kl (as GRPOConfig), and policy_weights ([B, T] or [B, 1] or None:
+    multiplies each token's policy term, not its KL term). old_logps None means logps itself; ref_logps is
     read only when beta != 0. Returns float32 [B] tensors: "loss" (sum_t mask_t * loss_t), "tokens" (sum_t mask_t),
     "kl" (sum_t mask_t * kl_t, only when beta != 0), "clip_low" / "clip_high" / "clip_region" (mask-weighted counts of
     clipped tokens, or 0/1 per sequence at importance_sampling_level="sequence"), and for the sequence level "coef"
     (the sequence ratio) and "dcoef" (sum_t mask_t * d loss_t / d ratio), which the backward needs.
     """
     B, T = logps.shape
-    old_logps, ref_logps, mask, has_kl = _operands(logps, old_logps, ref_logps, mask, cfg)
+    old_logps, ref_logps, mask, weights, has_kl = _operands(logps, old_logps, ref_logps, mask, cfg)
     f32 = {"device": logps.device, "dtype": torch.float32}
     names = ("loss", "tokens", "kl", "clip_low", "clip_high", "clip_region", "coef", "dcoef")
     out = {name: torch.empty(B, **f32) for name in names}
     if B > 0:
         _grpo_loss_fwd_kernel[(B,)](
-            logps, old_logps, ref_logps, advantages, mask, *out.values(),
+            logps, old_logps, ref_logps, advantages, mask, weights, *out.values(),
             T, logps.stride(0), logps.stride(1), old_logps.stride(0), old_logps.stride(1),
-            ref_logps.stride(0), ref_logps.stride(1), mask.stride(0), mask.stride(1),
+            ref_logps.stride(0), ref_logps.stride(1), mask.stride(0), mask.stride(1), weights.stride(0), weights.stride(1),
             *_scalars(cfg), **_flags(cfg, has_kl), BLOCK_T=_block_t(T, block_t),
         )  # fmt: skip
     if not has_kl:
@@ -528,16 +548,16 @@ def grpo_loss_bwd(
     grad_rows: contiguous float32 [B]; saved: grpo_loss_fwd's "tokens" (and "coef", "dcoef" at the sequence level).
     """
     B, T = logps.shape
-    old_logps, ref_logps, mask, has_kl = _operands(logps, old_logps, ref_logps, mask, cfg)
+    old_logps, ref_logps, mask, weights, has_kl = _operands(logps, old_logps, ref_logps, mask, cfg)
     dlogps = torch.empty((B, T), device=logps.device, dtype=logps.dtype)
     tokens = saved["tokens"]
     if B > 0:
         _grpo_loss_bwd_kernel[(B,)](
-            logps, old_logps, ref_logps, advantages, mask, grad_rows, tokens,
+            logps, old_logps, ref_logps, advantages, mask, weights, grad_rows, tokens,
             saved.get("coef", tokens), saved.get("dcoef", tokens), dlogps,
             T, logps.stride(0), logps.stride(1), old_logps.stride(0), old_logps.stride(1),
             ref_logps.stride(0), ref_logps.stride(1), mask.stride(0), mask.stride(1),
-            dlogps.stride(0), dlogps.stride(1),
+            dlogps.stride(0), dlogps.stride(1), weights.stride(0), weights.stride(1),
             *_scalars(cfg), **_flags(cfg, has_kl), BLOCK_T=_block_t(T, block_t),
         )  # fmt: skip
     return dlogps

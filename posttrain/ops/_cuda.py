@@ -99,7 +99,9 @@ def grpo_loss_fwd_cuda(logps, old_logps, ref_logps, advantages, mask, cfg) -> di
     """posttrain::grpo_loss_fwd with the contract of posttrain.kernels.grpo.grpo_loss_fwd."""
     old_logps = old_logps if old_logps is not None else logps
     ref_logps = ref_logps if cfg["beta"] != 0.0 else None
-    outs = torch.ops.posttrain.grpo_loss_fwd(logps, old_logps, ref_logps, advantages, mask, *_grpo_scalars(cfg))
+    outs = torch.ops.posttrain.grpo_loss_fwd(
+        logps, old_logps, ref_logps, advantages, mask, cfg.get("policy_weights"), *_grpo_scalars(cfg)
+    )
     out = dict(zip(_GRPO_LOSS_OUTPUTS, outs))
     if ref_logps is None:
         del out["kl"]
@@ -114,7 +116,8 @@ def grpo_loss_bwd_cuda(logps, old_logps, ref_logps, advantages, mask, grad_rows,
     ref_logps = ref_logps if cfg["beta"] != 0.0 else None
     tokens = saved["tokens"]
     dlogps = torch.ops.posttrain.grpo_loss_bwd(
-        logps, old_logps, ref_logps, advantages, mask, grad_rows, tokens, saved.get("coef", tokens),
+        logps, old_logps, ref_logps, advantages, mask, cfg.get("policy_weights"), grad_rows, tokens,
+        saved.get("coef", tokens),
         saved.get("dcoef", tokens), *_grpo_scalars(cfg),
     )  # fmt: skip
     return dlogps.to(logps.dtype)
@@ -139,9 +142,9 @@ def _register_grpo_fakes() -> None:
         )
 
     @torch.library.register_fake("posttrain::grpo_loss_fwd")
-    def _(logps, old_logps, ref_logps, advantages, mask, *options):
+    def _(logps, old_logps, ref_logps, advantages, mask, policy_weights, *options):
         return [logps.new_empty(logps.shape[0], dtype=torch.float32) for _ in _GRPO_LOSS_OUTPUTS]
 
     @torch.library.register_fake("posttrain::grpo_loss_bwd")
-    def _(logps, old_logps, ref_logps, advantages, mask, grad_rows, tokens, coef, dcoef, *options):
+    def _(logps, old_logps, ref_logps, advantages, mask, policy_weights, grad_rows, tokens, coef, dcoef, *options):
         return logps.new_empty(logps.shape, dtype=torch.float32)

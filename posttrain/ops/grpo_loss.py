@@ -108,6 +108,8 @@ def _row_terms_ref(logps, old_logps, ref_logps, advantages, mask, cfg):
         epsilon_high=cfg["epsilon_high"], delta=cfg["delta"], t_pos=cfg["sapo_temperature_pos"],
         t_neg=cfg["sapo_temperature_neg"],
     )  # fmt: skip
+    if cfg.get("policy_weights") is not None:
+        per_token = per_token * cfg["policy_weights"].detach().to(dtype)
     kl = None
     if cfg["beta"] != 0.0:
         d = ref_logps.detach().to(dtype) - logps
@@ -139,12 +141,13 @@ def _aggregate(row_loss, tokens, loss_type, max_completion_length, num_items):
         return row_loss.sum() / (B * max_completion_length)
     if loss_type == "luspo":
         return row_loss.mean()
-    # dapo, cispo
+    # dapo, cispo: an explicit num_items is the caller's normalizer as given (TRL's may be below 1 once divided by
+    # processes x accumulation steps); only the default token count is clamped
     if num_items is None:
-        num_items = tokens.sum()
+        return row_loss.sum() / tokens.sum().clamp(min=1.0)
     if isinstance(num_items, torch.Tensor):
-        return row_loss.sum() / num_items.to(device=row_loss.device, dtype=row_loss.dtype).clamp(min=1.0)
-    return row_loss.sum() / max(num_items, 1.0)
+        return row_loss.sum() / num_items.to(device=row_loss.device, dtype=row_loss.dtype)
+    return row_loss.sum() / num_items
 
 
 def _config(
@@ -157,9 +160,11 @@ def _config(
     sapo_temperature_pos,
     sapo_temperature_neg,
     use_bias_correction_kl,
+    policy_weights=None,
 ):
     """The loss options as one dict, the form the kernels' launchers take."""
     return {
+        "policy_weights": policy_weights,
         "loss_type": loss_type,
         "importance_sampling_level": importance_sampling_level,
         "beta": beta,
@@ -190,6 +195,7 @@ def grpo_loss_ref(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     use_bias_correction_kl: bool = True,
+    policy_weights: torch.Tensor | None = None,
     return_metrics: bool = False,
 ):
     """Plain-PyTorch reference of `grpo_loss` on validated inputs: the test oracle and the CPU fallback.
@@ -199,7 +205,7 @@ def grpo_loss_ref(
     """
     cfg = _config(
         loss_type, importance_sampling_level, beta, epsilon_low, epsilon_high, delta, sapo_temperature_pos,
-        sapo_temperature_neg, use_bias_correction_kl,
+        sapo_temperature_neg, use_bias_correction_kl, policy_weights,
     )  # fmt: skip
     row_loss, metrics = _row_terms_ref(logps, old_logps, ref_logps, advantages, mask, cfg)
     loss = _aggregate(row_loss, metrics.tokens.to(row_loss.dtype), loss_type, max_completion_length, num_items)
@@ -292,7 +298,14 @@ def _check_inputs(logps, old_logps, ref_logps, advantages, mask, cfg, max_comple
             raise ValueError("loss_type 'dr_grpo' divides by B * max_completion_length: max_completion_length is None")
         _check_number("max_completion_length", max_completion_length, positive=True)
     if num_items is not None and not isinstance(num_items, torch.Tensor):
-        _check_number("num_items", num_items)
+        _check_number("num_items", num_items, positive=True)
+    weights = cfg["policy_weights"]
+    if weights is not None:
+        check_float("policy_weights", weights, dim=2)
+        if weights.shape[0] != shape[0] or weights.shape[1] not in (1, shape[1]):
+            raise ValueError(f"policy_weights has shape {tuple(weights.shape)}, expected ({shape[0]}, {shape[1]}) or "
+                             f"({shape[0]}, 1)")  # fmt: skip
+        check_same_device(logps=logps, policy_weights=weights)
 
 
 def grpo_loss(
@@ -313,6 +326,7 @@ def grpo_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     use_bias_correction_kl: bool = True,
+    policy_weights: torch.Tensor | None = None,
     return_metrics: bool = False,
     impl: str = "auto",
 ):
@@ -324,10 +338,11 @@ def grpo_loss(
           when delta is set (INTELLECT-2's two-sided clipping), else r;
       cispo: -min(r, epsilon_high).detach() * A * logps;
       sapo: -sigmoid(tau (r - 1)) * 4 / tau * A, tau = sapo_temperature_pos if A > 0 else sapo_temperature_neg;
-    plus beta * k3 KL when beta != 0: exp(ref - logps) - (ref - logps) - 1, times r when use_bias_correction_kl.
+    times policy_weights when given, plus beta * k3 KL when beta != 0: exp(ref - logps) - (ref - logps) - 1, times r
+    when use_bias_correction_kl.
     The loss then aggregates loss[b, t] * mask[b, t] (S_b = sum over the row):
       grpo, sapo: mean_b(S_b / max(mask_b.sum(), 1));  bnpo: sum_b S_b / max(mask.sum(), 1);
-      dr_grpo: sum_b S_b / (B * max_completion_length);  dapo, cispo: sum_b S_b / max(num_items, 1);
+      dr_grpo: sum_b S_b / (B * max_completion_length);  dapo, cispo: sum_b S_b / num_items;
       luspo: mean_b(S_b).
 
     Args:
@@ -339,8 +354,11 @@ def grpo_loss(
         beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level, sapo_temperature_pos,
             sapo_temperature_neg, use_bias_correction_kl: GRPOConfig's fields (epsilon_low is GRPOConfig.epsilon).
         max_completion_length: required by dr_grpo.
-        num_items: dapo / cispo denominator (a number or a 0-d tensor, clamped to >= 1), default mask.sum(). TRL
-            passes num_items_in_batch / num_processes * gradient_accumulation_steps / steps_per_generation here.
+        num_items: dapo / cispo denominator (a number or a 0-d tensor, used as given), default max(mask.sum(), 1).
+            TRL passes max(num_items_in_batch, 1) / num_processes * gradient_accumulation_steps /
+            steps_per_generation here.
+        policy_weights: [B, T] or [B, 1] constant weights of each token's policy term (not of its KL term): TRL's
+            high-entropy token mask (top_entropy_quantile), off-policy sequence mask and vLLM importance ratios.
         return_metrics: also return a GRPOLossMetrics (per-sequence KL and clip counts; `.logs(loss_type)` gives TRL's
             logged values).
         impl: "auto" (the fastest available on CUDA: Triton or the CUDA extension; Triton under TRITON_INTERPRET=1;
@@ -361,7 +379,7 @@ def grpo_loss(
     """
     cfg = _config(
         loss_type, importance_sampling_level, beta, epsilon_low, epsilon_high, delta, sapo_temperature_pos,
-        sapo_temperature_neg, use_bias_correction_kl,
+        sapo_temperature_neg, use_bias_correction_kl, policy_weights,
     )  # fmt: skip
     _check_inputs(logps, old_logps, ref_logps, advantages, mask, cfg, max_completion_length, num_items)
     impl = "torch" if logps.dtype == torch.float64 and impl == "auto" else impl
@@ -373,7 +391,7 @@ def grpo_loss(
             importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
             num_items=num_items, sapo_temperature_pos=sapo_temperature_pos,
             sapo_temperature_neg=sapo_temperature_neg, use_bias_correction_kl=use_bias_correction_kl,
-            return_metrics=return_metrics,
+            policy_weights=policy_weights, return_metrics=return_metrics,
         )  # fmt: skip
     if logps.dtype == torch.float64:
         raise TypeError(f"impl={impl!r} supports float32, bfloat16 and float16; logps is float64 (use impl='torch')")

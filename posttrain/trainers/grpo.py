@@ -70,10 +70,6 @@ class _SyncRefModelCallback(TrainerCallback):
 # (field, is it set away from what posttrain supports, why it is not supported)
 _UNSUPPORTED = (
     ("loss_type", lambda a: a.loss_type == "vespo", "posttrain.ops.grpo_loss has no VESPO weighting yet"),
-    ("top_entropy_quantile", lambda a: a.top_entropy_quantile < 1.0,
-     "masking the policy term (but not the KL) per token needs per-token policy weights in posttrain.ops.grpo_loss"),
-    ("off_policy_mask_threshold", lambda a: a.off_policy_mask_threshold is not None,
-     "masking the policy term (but not the KL) per sequence needs policy weights in posttrain.ops.grpo_loss"),
     ("use_transformers_continuous_batching", lambda a: a.use_transformers_continuous_batching,
      "generation uses model.generate; continuous batching is not wired in"),
     ("cast_lm_head_to_fp32", lambda a: a.cast_lm_head_to_fp32,
@@ -87,8 +83,8 @@ _UNSUPPORTED = (
     ("vllm_structured_outputs_regex", lambda a: a.use_vllm and a.vllm_structured_outputs_regex is not None,
      "structured outputs are not implemented"),
     ("vllm_importance_sampling_correction", lambda a: a.use_vllm and a.vllm_importance_sampling_correction,
-     ("weighting the policy term by the vLLM importance ratio needs per-token policy weights in "
-      "posttrain.ops.grpo_loss; set vllm_importance_sampling_correction=False to sample with vLLM uncorrected")),
+     ("the colocated engine does not return its sampling log-probs, which the importance ratio needs; set "
+      "vllm_importance_sampling_correction=False to sample with vLLM uncorrected")),
 )  # fmt: skip
 
 
@@ -722,30 +718,63 @@ class GRPOTrainer(PosttrainTrainer):
             model, input_ids, attention_mask, inputs["completion_ids"].shape[1], entropy=True
         )
         token_normalized = self.args.loss_type in TOKEN_NORMALIZED_LOSSES
+        num_items = None
+        if token_normalized:
+            # the loss tokens of the whole generation batch, per process and micro-step (may be below 1)
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * accumulation / self.args.steps_per_generation
+        policy_weights, entropy_mask = self._policy_weights(logps, entropies, mask, inputs)
         policy_loss, stats = grpo_loss(
             logps, inputs.get("old_per_token_logps"), inputs["advantages"], mask,
             ref_logps=inputs.get("ref_per_token_logps"), beta=self.beta, epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high, delta=self.args.delta, loss_type=self.args.loss_type,
             importance_sampling_level=self.args.importance_sampling_level,
-            max_completion_length=self.args.max_completion_length, num_items=1.0 if token_normalized else None,
+            max_completion_length=self.args.max_completion_length, num_items=num_items,
             sapo_temperature_pos=self.args.sapo_temperature_pos, sapo_temperature_neg=self.args.sapo_temperature_neg,
-            use_bias_correction_kl=self.args.use_bias_correction_kl, return_metrics=True, impl=self._ops_impl,
+            use_bias_correction_kl=self.args.use_bias_correction_kl, policy_weights=policy_weights, return_metrics=True,
+            impl=self._ops_impl,
         )  # fmt: skip
-        if token_normalized:
-            # The loss tokens of the whole generation batch, per process and micro-step. Divided here rather than
-            # passed as num_items, which the op clamps to >= 1 while this count may legitimately be below 1
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * accumulation / self.args.steps_per_generation
-            policy_loss = policy_loss / normalizer
-            loss = policy_loss
-        else:
-            loss = policy_loss / accumulation
+        # dapo / cispo are normalized by the accumulated batch's token count already; the rest by the micro-step
+        loss = policy_loss if token_normalized else policy_loss / accumulation
         if self._entropy_bonus_enabled:
-            loss = loss - self._entropy_bonus(entropies, mask, mode, accumulation)
+            # with top_entropy_quantile < 1 the bonus acts on the same high-entropy tokens as the policy gradient
+            bonus_mask = mask if entropy_mask is None else mask * entropy_mask
+            loss = loss - self._entropy_bonus(entropies, bonus_mask, mode, accumulation)
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss.detach()).nanmean().item())
         self._log_loss_metrics(stats, entropies, mask, mode)
         return loss
+
+    def _policy_weights(self, logps, entropies, mask, inputs):
+        """TRL's weights on the policy term (not the KL): the high-entropy token mask (top_entropy_quantile < 1) and
+        the off-policy sequence mask (off_policy_mask_threshold). Returns (weights or None, entropy_mask or None)."""
+        weights, entropy_mask = None, None
+        if self.args.top_entropy_quantile < 1.0:
+            entropy_mask = self._high_entropy_mask(entropies.detach(), mask, 1.0 - self.args.top_entropy_quantile)
+            weights = entropy_mask.to(logps.dtype)
+        if self.args.off_policy_mask_threshold is not None:
+            old = inputs.get("old_per_token_logps")
+            sampling = inputs.get("sampling_per_token_logps", logps.detach() if old is None else old)
+            # tokens the sampler could not score carry NaN and are no evidence either way
+            kl = torch.nan_to_num(sampling - logps.detach(), nan=0.0)
+            m = mask.to(logps.dtype)
+            mean_kl = (kl * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
+            keep = (inputs["advantages"].unsqueeze(1) >= 0) | (mean_kl <= self.args.off_policy_mask_threshold)
+            weights = keep.to(logps.dtype) if weights is None else weights * keep.to(logps.dtype)
+        return weights, entropy_mask
+
+    def _high_entropy_mask(self, entropies, mask, quantile: float) -> torch.Tensor:
+        """Completion tokens whose entropy reaches the `quantile` of all completion tokens' entropies (over every
+        process), as a bool mask."""
+        valid = mask.bool()
+        # entropies are >= 0, so a negative pad marks the padding that evens out the processes' counts
+        padded = self.accelerator.pad_across_processes(entropies[valid].float(), dim=0, pad_index=-1e9)
+        gathered = self.accelerator.gather(padded)
+        gathered = gathered[gathered != -1e9]
+        if gathered.numel() == 0:
+            return torch.zeros_like(valid)
+        threshold = torch.quantile(gathered, quantile)
+        return (entropies * mask >= threshold) & valid
 
     def _entropy_bonus(self, entropies, mask, mode, accumulation) -> torch.Tensor:
         """entropy_coef x the mean per-token entropy (scaled for accumulation); updates the adaptive coefficient."""

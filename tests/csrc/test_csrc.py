@@ -175,6 +175,6 @@ def test_gpu_grpo_opcheck():
     rewards = torch.randn(8, 2, device="cuda")
     torch.library.opcheck(ops.grpo_advantages, (rewards, torch.ones(2, device="cuda"), 4, 1, False, True))
     logps = -torch.rand(3, 5, device="cuda")
-    args = (logps, logps + 0.1, None, torch.randn(3, device="cuda"), torch.ones(3, 5, device="cuda"), 0.0, 0.2, 0.28,
-            None, 1.0, 1.05, 0, False, True)  # fmt: skip
+    args = (logps, logps + 0.1, None, torch.randn(3, device="cuda"), torch.ones(3, 5, device="cuda"), None, 0.0, 0.2,
+            0.28, None, 1.0, 1.05, 0, False, True)  # fmt: skip
     torch.library.opcheck(ops.grpo_loss_fwd, args)

@@ -185,6 +185,28 @@ def test_half_precision_logps():
     torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("weight_shape", ["per_token", "per_sequence"])
+def test_policy_weights(loss_type, level, weight_shape):
+    """policy_weights scale each token's policy term but not its KL term (TRL's entropy / off-policy masks and vLLM
+    importance ratios)."""
+    logps, old, ref, advantages, mask = _inputs(6, 13)
+    weights = torch.rand(6, 13 if weight_shape == "per_token" else 1)
+    weights[weights < 0.3] = 0.0
+    kw = dict(ref_logps=ref, beta=0.05, loss_type=loss_type, importance_sampling_level=level, max_completion_length=16)
+    if loss_type == "cispo":
+        kw["epsilon_high"] = 1.1
+    _check_all(logps, old, advantages, mask, policy_weights=weights, **kw)
+    ones = grpo_loss(logps, old, advantages, mask, policy_weights=torch.ones(6, 13), **kw)
+    torch.testing.assert_close(ones, grpo_loss(logps, old, advantages, mask, **kw))
+    # zero weights leave only the KL: the loss at beta = 0 vanishes
+    zero = grpo_loss(logps, old, advantages, mask, policy_weights=torch.zeros(6, 1), **{**kw, "beta": 0.0})
+    assert zero.item() == 0.0
+    with pytest.raises(ValueError, match=r"policy_weights has shape \(6, 5\), expected \(6, 13\) or \(6, 1\)"):
+        grpo_loss(logps, old, advantages, mask, policy_weights=torch.ones(6, 5), **kw)
+
+
 def test_normalizers():
     logps, old, _, advantages, mask = _inputs(6, 13)
     n_tokens = mask.sum()
@@ -192,8 +214,9 @@ def test_normalizers():
     for num_items in (37, 37.0, torch.tensor(37)):
         scaled = grpo_loss(logps, old, advantages, mask, loss_type="dapo", num_items=num_items)
         torch.testing.assert_close(scaled * 37, dapo * n_tokens)
-    clamped = grpo_loss(logps, old, advantages, mask, loss_type="cispo", num_items=torch.tensor(0.0))
-    torch.testing.assert_close(clamped, grpo_loss(logps, old, advantages, mask, loss_type="cispo") * n_tokens)
+    # an explicit normalizer is used as given, below 1 too (TRL's, once divided by processes x accumulation steps)
+    fractional = grpo_loss(logps, old, advantages, mask, loss_type="cispo", num_items=torch.tensor(0.25))
+    torch.testing.assert_close(fractional, grpo_loss(logps, old, advantages, mask, loss_type="cispo") * n_tokens * 4)
     dr_grpo = grpo_loss(logps, old, advantages, mask, loss_type="dr_grpo", max_completion_length=20)
     torch.testing.assert_close(dr_grpo * 6 * 20, dapo * n_tokens)
     bnpo = grpo_loss(logps, old, advantages, mask, loss_type="bnpo")

@@ -94,6 +94,12 @@ PARITY = {
          "temperature": 0.8},
         False,
     ),
+    "bnpo_entropy_mask_off_policy": (
+        standard_dataset, ["letters", "distinct"],
+        {"loss_type": "bnpo", "top_entropy_quantile": 0.5, "off_policy_mask_threshold": 0.0, "num_iterations": 2,
+         "entropy_coef": 0.01, "beta": 0.05},
+        False,
+    ),
     "conversational_reward_model_eval": (
         conversational_dataset, ["solution", "reward_model"],
         {"loss_type": "cispo", "epsilon_high": 0.5, "multi_objective_aggregation": "normalize_then_sum",
@@ -376,13 +382,11 @@ def test_all_none_rewards_warn_and_give_zero_advantages(model_dir, tmp_path):
     [
         ({"use_vllm": True}, {}, ImportError, "vllm is not installed"),
         ({"loss_type": "vespo"}, {}, NotImplementedError, "loss_type='vespo'"),
-        ({"top_entropy_quantile": 0.2}, {}, NotImplementedError, "top_entropy_quantile=0.2"),
-        ({"off_policy_mask_threshold": 0.5}, {}, NotImplementedError, "off_policy_mask_threshold=0.5"),
         ({}, {"tools": [len]}, NotImplementedError, "tools"),
         ({"reward_weights": [1.0, 2.0]}, {}, ValueError, "reward_weights has 2 weights but there are 1"),
         ({}, {"reward_processing_classes": [None, None]}, ValueError, "2 entries for 1 reward functions"),
     ],
-    ids=["vllm_missing", "vespo", "top_entropy", "off_policy_mask", "tools", "weights", "reward_tokenizers"],
+    ids=["vllm_missing", "vespo", "tools", "weights", "reward_tokenizers"],
 )
 def test_unsupported_or_inconsistent_options(model_dir, tmp_path, overrides, trainer_kwargs, error, match):
     with pytest.raises(error, match=match):
