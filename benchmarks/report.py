@@ -32,7 +32,23 @@ def _fmt(value, digits=3):
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(rows, env: dict, ceilings: dict, notes: list[str]) -> str:
+def _trainer_table(trainer_rows: list[dict]) -> list[str]:
+    if not trainer_rows:
+        return []
+    lines = ["", "## Trainer steps (posttrain vs TRL 1.16)", "",
+             "| trainer | model | seq | tokens/s | TRL tokens/s | speedup | peak MB | TRL peak MB | max seq | TRL max seq |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in trainer_rows:
+        mine, theirs = r.get("tokens_per_s"), r.get("trl_tokens_per_s")
+        speedup = f"{mine / theirs:.2f}x" if mine and theirs else ""
+        cells = [r["trainer"], r["model"], str(r["seq_len"]), _fmt(mine, 0), _fmt(theirs, 0), speedup,
+                 _fmt(r.get("peak_mb"), 0), _fmt(r.get("trl_peak_mb"), 0), str(r.get("max_seq_len", "")),
+                 str(r.get("trl_max_seq_len", ""))]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(rows, env: dict, ceilings: dict, notes: list[str], trainer_rows: list[dict] = ()) -> str:
     lines = [
         "# posttrain benchmarks",
         "",
@@ -66,6 +82,7 @@ def markdown(rows, env: dict, ceilings: dict, notes: list[str]) -> str:
             cells += [rate if mine.get("ms_p50") else "", _fmt(mine.get("ceiling_frac"), 2)]
             cells += [_fmt(by.get(p, {}).get("peak_mb"), 0) for p in providers]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += _trainer_table(list(trainer_rows))
     return "\n".join(lines) + "\n"
 
 
@@ -133,5 +150,5 @@ def write_all(out: Path, rows, env, ceilings, notes, gemm_floors, trainer_rows) 
     add_ceiling_fractions(rows, ceilings)
     notes = notes + plots(rows, out)
     write_csv(rows, env, out / "results.csv")
-    (out / "report.md").write_text(markdown(rows, env, ceilings, notes))
+    (out / "report.md").write_text(markdown(rows, env, ceilings, notes, trainer_rows))
     (out / "summary.json").write_text(json.dumps(summary(rows, env, gemm_floors, trainer_rows), indent=2) + "\n")

@@ -49,3 +49,14 @@ def test_shape_override_and_bad_shape(tmp_path):
     assert {r["shape"] for r in rows} == {"N=3,V=77"}
     bad = _bench("--smoke", "--shape", "N=3;V=7")
     assert bad.returncode == 2 and "is not of the form" in bad.stderr
+
+
+@pytest.mark.skipif(not (ROOT / "benchmarks").is_dir(), reason="needs a posttrain checkout")
+def test_trainer_rows_in_smoke_mode(tmp_path):
+    result = _bench("--smoke", "--op", "dpo_loss", "--mode", "forward", "--trainers", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "summary.json").read_text())["trainers"]
+    assert [r["trainer"] for r in rows] == ["sft", "dpo", "grpo"]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["trl_tokens_per_s"] > 0, row
+    assert "## Trainer steps" in (tmp_path / "report.md").read_text()

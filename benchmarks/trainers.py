@@ -1,0 +1,241 @@
+"""Trainer-step rows: SFT, DPO and GRPO training tokens/s and peak memory, posttrain against TRL 1.16 on the same
+random Qwen2-0.5B-shaped model and data, and the longest DPO / GRPO sequence that fits on the GPU with each.
+
+SFT: packed 2048-token rows, 8 per step. DPO: 8 pairs of 1024-token sequences. GRPO: one prompt's 8 generations of
+1024 completion tokens, the training step only (generation excluded: a prepared batch goes straight to the loss).
+"""
+
+import gc
+import importlib
+import importlib.util
+import tempfile
+import time
+import warnings
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from posttrain.models import byte_level_tokenizer, tiny_qwen2_config
+
+QWEN2_05B = dict(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, max_position_embeddings=131072, tie_word_embeddings=True, rope_theta=1000000.0,
+)  # fmt: skip
+LIBRARIES = ("posttrain", "trl")
+
+
+class _StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (the device synchronized at both ends)."""
+
+    def __init__(self):
+        self.times, self._start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _model_dir(config_kwargs: dict, dtype, root: str) -> str:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(**config_kwargs, pad_token_id=256, eos_token_id=258)).to(dtype)
+    model.save_pretrained(root)
+    byte_level_tokenizer().save_pretrained(root)
+    del model
+    return root
+
+
+def _random_text(n_chars: int, seed: int) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    return "".join(chr(ord("a") + i) for i in torch.randint(0, 26, (n_chars,), generator=gen).tolist())
+
+
+def _sft_data(seq_len: int, rows: int) -> Dataset:
+    # two sequences of seq_len / 2 tokens fill each packed row exactly
+    half = seq_len // 2
+    gen = torch.Generator().manual_seed(0)
+    return Dataset.from_dict({"input_ids": torch.randint(0, 256, (2 * rows, half - 1), generator=gen).tolist()})
+
+
+def _dpo_data(seq_len: int, pairs: int) -> Dataset:
+    # the byte-level tokenizer makes one token per character; prompt and completion take half the sequence each
+    half = seq_len // 2 - 1
+    return Dataset.from_list(
+        [{"prompt": _random_text(half, 3 * i), "chosen": _random_text(half, 3 * i + 1),
+          "rejected": _random_text(half, 3 * i + 2)} for i in range(pairs)]  # fmt: skip
+    )
+
+
+def _common_args(output_dir: str, steps: int, device_type: str, **extra):
+    return dict(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-6,
+        logging_steps=10**6, save_strategy="no", report_to="none", bf16=device_type == "cuda",
+        use_cpu=device_type != "cuda", disable_tqdm=True, seed=0, **extra,
+    )  # fmt: skip
+
+
+def _train_tokens_per_s(trainer_cls, config_cls, model_dir, data, tokens_per_step, steps, warmup, device_type,
+                        **config_extra):  # fmt: skip
+    """(tokens/s over the steps after `warmup`, peak MB) of trainer.train() for `steps` steps."""
+    with tempfile.TemporaryDirectory() as out:
+        args = config_cls(**_common_args(out, steps, device_type, **config_extra))
+        timer = _StepTimer()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = trainer_cls(model=model_dir, args=args, train_dataset=data, callbacks=[timer])
+            _reset_peak()
+            trainer.train()
+        peak = _peak_mb()
+    del trainer
+    _free()
+    timed = timer.times[warmup:] or timer.times
+    return tokens_per_step * len(timed) / sum(timed), peak
+
+
+def _reset_peak():
+    _sync()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_mb():
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def sft_step(library, model_dir, seq_len, steps, warmup, device_type):
+    module = importlib.import_module(library)
+    rows = 8 * steps
+    return _train_tokens_per_s(
+        module.SFTTrainer, module.SFTConfig, model_dir, _sft_data(seq_len, rows), 8 * seq_len, steps, warmup,
+        device_type, packing=True, max_length=seq_len,
+    )  # fmt: skip
+
+
+def dpo_step(library, model_dir, seq_len, steps, warmup, device_type):
+    module = importlib.import_module(library)
+    return _train_tokens_per_s(
+        module.DPOTrainer, module.DPOConfig, model_dir, _dpo_data(seq_len, 8 * steps), 2 * 8 * seq_len,
+        steps, warmup, device_type, max_length=seq_len,
+    )  # fmt: skip
+
+
+def _grpo_batch(completion_len: int, generations: int, device) -> dict:
+    prompt_len = 128
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (generations, prompt_len + completion_len), generator=gen).to(device)
+    completion_mask = torch.ones(generations, completion_len, dtype=torch.long, device=device)
+    return {
+        "prompt_ids": ids[:, :prompt_len],
+        "prompt_mask": torch.ones(generations, prompt_len, dtype=torch.long, device=device),
+        "completion_ids": ids[:, prompt_len:],
+        "completion_mask": completion_mask,
+        "advantages": torch.randn(generations, generator=gen).to(device),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+def grpo_step(library, model_dir, completion_len, steps, warmup, device_type):
+    """The GRPO training step without generation: compute_loss + backward + optimizer step on a prepared batch."""
+    module = importlib.import_module(library)
+    with tempfile.TemporaryDirectory() as out:
+        args = module.GRPOConfig(**_common_args(out, steps, device_type, num_generations=8,
+                                                max_completion_length=completion_len))  # fmt: skip
+        prompts = Dataset.from_dict({"prompt": ["a"] * 16})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = module.GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                                         args=args, train_dataset=prompts)  # fmt: skip
+        trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+        trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop would set
+        model = trainer.model
+        model.train()
+        batch = _grpo_batch(completion_len, 8, trainer.accelerator.device)
+        _reset_peak()
+        times = []
+        for _ in range(steps):
+            _sync()
+            start = time.perf_counter()
+            with trainer.compute_loss_context_manager():
+                loss = trainer.compute_loss(model, batch)
+            trainer.accelerator.backward(loss)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad()
+            _sync()
+            times.append(time.perf_counter() - start)
+        peak = _peak_mb()
+    del trainer, model
+    _free()
+    timed = times[warmup:] or times
+    return 8 * (128 + completion_len) * len(timed) / sum(timed), peak
+
+
+STEPS = {"sft": sft_step, "dpo": dpo_step, "grpo": grpo_step}
+
+
+def max_seq_len(step, library, model_dir, device_type, start: int, limit: int) -> int | None:
+    """The longest sequence (doubling from `start`, up to `limit`) with which one training step fits in memory."""
+    best = None
+    length = start
+    while length <= limit:
+        try:
+            step(library, model_dir, length, 1, 0, device_type)
+        except torch.cuda.OutOfMemoryError:
+            _free()
+            break
+        best = length
+        length *= 2
+    return best
+
+
+def run_trainers(device, smoke: bool = False, log=print) -> list[dict]:
+    """Rows of summary.json's "trainers": tokens/s and peak MB for posttrain and TRL, and (on a GPU) max_seq_len."""
+    if importlib.util.find_spec("trl") is None:
+        log("[trainers] skipped: trl is not installed (pip install 'posttrain[dev]')")
+        return []
+    device_type = torch.device(device).type
+    config, dtype = (tiny_qwen2_config().to_dict(), torch.float32) if smoke else (QWEN2_05B, torch.bfloat16)
+    config = {k: v for k, v in config.items() if k in QWEN2_05B}
+    seq = {"sft": 2048, "dpo": 1024, "grpo": 1024} if not smoke else {"sft": 64, "dpo": 32, "grpo": 16}
+    steps, warmup = (2, 0) if smoke else (6, 2)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        model_dir = _model_dir(config, dtype, root)
+        model_name = "tiny-qwen2 (smoke)" if smoke else "Qwen2-0.5B-shaped, random, bf16"
+        for name, step in STEPS.items():
+            row = {"trainer": name, "model": model_name, "seq_len": seq[name]}
+            for library in LIBRARIES:
+                prefix = "" if library == "posttrain" else "trl_"
+                try:
+                    tokens_per_s, peak = step(library, model_dir, seq[name], steps, warmup, device_type)
+                except torch.cuda.OutOfMemoryError:
+                    _free()
+                    tokens_per_s, peak = None, None
+                row[f"{prefix}tokens_per_s"], row[f"{prefix}peak_mb"] = tokens_per_s, peak
+                if name in ("dpo", "grpo") and device_type == "cuda" and not smoke:
+                    row[f"{prefix}max_seq_len"] = max_seq_len(step, library, model_dir, device_type, 2048, 131072)
+                log(f"[trainers] {name:<5} {library:<10} {_fmt(tokens_per_s)} tokens/s, peak {_fmt(peak)} MB")
+            rows.append(row)
+    return rows
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
