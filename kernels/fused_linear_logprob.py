@@ -23,22 +23,27 @@ SPLIT_V = 4096
 BWD_CHUNK_BYTES = 256 * 1024 * 1024
 
 
+# (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages): wgmma-sized tiles for Hopper, two smaller fallbacks. Each
+# compiles for sm_90 with pipelined loads (tests/kernels/test_sm90_compile.py); the 256-wide ones spill when every
+# statistic is asked for, and autotuning then prefers the others.
+HOPPER_TILES = (
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (64, 256, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+)
+
+
 def _configs():
     if interpreting():
         # The interpreter runs each block op in numpy: few, large blocks are fastest; 16 rows keep row tails tested.
         return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_K": 32, "GROUP_N": 2})]
-    tiles = [  # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages): wgmma-sized tiles for Hopper, two smaller fallbacks
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 128, 8, 3),
-        (64, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-    ]
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk, "GROUP_N": 8}, num_warps=w, num_stages=s)
-        for bn, bv, bk, w, s in tiles
+        for bn, bv, bk, w, s in HOPPER_TILES
     ]
 
 
@@ -119,7 +124,6 @@ def _fused_linear_logprob_fwd_kernel(
     part_zsum_ptr,
     part_arg_ptr,
     part_sq_ptr,
-    tgt_logit_ptr,
     N,
     V,
     K,
@@ -134,7 +138,9 @@ def _fused_linear_logprob_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     SCALED: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
-    HAS_STATS: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+    HAS_ARGMAX: tl.constexpr,
+    HAS_SQ: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -142,10 +148,11 @@ def _fused_linear_logprob_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
+    # Only what needs the whole tile lives here; the target's logit is one dot per row, in the merge kernel. Every
+    # [BLOCK_N, BLOCK_V] temporary costs BLOCK_N * BLOCK_V / threads registers: the epilogue decides the tile size.
     row_block, split = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
     offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    tgt = tl.load(tgt_ptr + offs_n, mask=n_mask, other=-1)
     v_start = split * split_v
     v_stop = tl.minimum(v_start + split_v, V)
 
@@ -155,7 +162,6 @@ def _fused_linear_logprob_fwd_kernel(
     zsum = tl.zeros((BLOCK_N,), tl.float32)
     arg = tl.zeros((BLOCK_N,), tl.int32)
     sq = tl.zeros((BLOCK_N,), tl.float32)  # sum exp(2 (z - m)), for log sum_v p_v^2
-    tgt_logit = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(v_start, v_stop, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_stop
@@ -174,14 +180,14 @@ def _fused_linear_logprob_fwd_kernel(
             rebased = ent + tl.where(s > 0, (m - m_new) * s, 0.0)
             ent = alpha * rebased + tl.sum(tl.where(v_mask[None, :], e * shifted, 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
-        if HAS_STATS:
+        if HAS_MEAN:
             zsum += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+        if HAS_ARGMAX:
             # strict '>' keeps the earlier tile on ties: the first maximum, as torch.argmax
             tile_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int32)
             arg = tl.where(tile_max > m, v0 + tile_arg, arg)
+        if HAS_SQ:
             sq = alpha * alpha * sq + tl.sum(e * e, axis=1)
-        is_tgt = (offs_v[None, :] == tgt[:, None]) & v_mask[None, :]
-        tgt_logit += tl.sum(tl.where(is_tgt, z, 0.0), axis=1)
         m = m_new
 
     part = split * N + offs_n
@@ -189,22 +195,44 @@ def _fused_linear_logprob_fwd_kernel(
     tl.store(part_sum_ptr + part, s, mask=n_mask)
     if HAS_ENTROPY:
         tl.store(part_ent_ptr + part, ent, mask=n_mask)
-    if HAS_STATS:
+    if HAS_MEAN:
         tl.store(part_zsum_ptr + part, zsum, mask=n_mask)
+    if HAS_ARGMAX:
         tl.store(part_arg_ptr + part, arg, mask=n_mask)
+    if HAS_SQ:
         tl.store(part_sq_ptr + part, sq, mask=n_mask)
-    tl.store(tgt_logit_ptr + offs_n, tgt_logit, mask=n_mask & (tgt >= v_start) & (tgt < v_stop))
+
+
+@triton.jit
+def _target_logit(h_ptr, w_ptr, b_ptr, offs_n, n_mask, tgt, K, stride_hn, stride_hk, stride_wv, stride_wk, temperature,
+                  HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    # (hidden[n] . weight[target[n]] + bias[target[n]]) / T in fp32: one dot per row instead of a compare-and-select
+    # over every logits tile
+    rows = offs_n.to(tl.int64)[:, None] * stride_hn
+    cols = tgt.to(tl.int64)[:, None] * stride_wv
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = n_mask[:, None] & (offs_k < K)[None, :]
+        h = tl.load(h_ptr + rows + offs_k[None, :] * stride_hk, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols + offs_k[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(h * w, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + tgt, mask=n_mask, other=0.0).to(tl.float32)
+    return divide_by_temperature(acc, temperature, SCALED)
 
 
 @triton.jit
 def _fused_linear_logprob_merge_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
     part_max_ptr,
     part_sum_ptr,
     part_ent_ptr,
     part_zsum_ptr,
     part_arg_ptr,
     part_sq_ptr,
-    tgt_logit_ptr,
     tgt_ptr,
     logprob_ptr,
     entropy_ptr,
@@ -215,11 +243,22 @@ def _fused_linear_logprob_merge_kernel(
     log_sum_sq_ptr,
     N,
     V,
+    K,
     num_splits,
+    stride_hn,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    temperature,
     ignore_index,
+    HAS_BIAS: tl.constexpr,
+    SCALED: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
-    HAS_STATS: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+    HAS_ARGMAX: tl.constexpr,
+    HAS_SQ: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -240,11 +279,13 @@ def _fused_linear_logprob_merge_kernel(
         s += alpha * s_i
         if HAS_ENTROPY:
             ent += alpha * (tl.load(part_ent_ptr + part, mask=n_mask, other=0.0) + (m_i - m) * s_i)
-        if HAS_STATS:
+        if HAS_MEAN:
             zsum += tl.load(part_zsum_ptr + part, mask=n_mask, other=0.0)
+        if HAS_ARGMAX:
             better = m_i > best
             arg = tl.where(better, tl.load(part_arg_ptr + part, mask=n_mask, other=0), arg)
             best = tl.where(better, m_i, best)
+        if HAS_SQ:
             sq += alpha * alpha * tl.load(part_sq_ptr + part, mask=n_mask, other=0.0)
 
     log_s = tl.log(s)
@@ -253,13 +294,18 @@ def _fused_linear_logprob_merge_kernel(
     # logsumexp = m + log_s, kept as two numbers: at |z| ~ 1e3 their fp32 sum loses digits the backward needs
     tl.store(max_ptr + offs_n, m, mask=n_mask)
     tl.store(log_sum_ptr + offs_n, log_s, mask=n_mask)
-    tgt_logit = tl.load(tgt_logit_ptr + offs_n, mask=n_mask, other=0.0)
+    tgt_logit = _target_logit(
+        h_ptr, w_ptr, b_ptr, offs_n, n_mask & valid, tl.where(valid, tgt, 0), K, stride_hn, stride_hk, stride_wv,
+        stride_wk, temperature, HAS_BIAS, SCALED, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
     tl.store(logprob_ptr + offs_n, tl.where(valid, tgt_logit - m - log_s, 0.0), mask=n_mask)
     if HAS_ENTROPY:
         tl.store(entropy_ptr + offs_n, tl.where(valid, log_s - ent / s, 0.0), mask=n_mask)
-    if HAS_STATS:
+    if HAS_MEAN:
         tl.store(mean_logit_ptr + offs_n, tl.where(valid, zsum / V, 0.0), mask=n_mask)
+    if HAS_ARGMAX:
         tl.store(is_argmax_ptr + offs_n, valid & (arg == tgt), mask=n_mask)
+    if HAS_SQ:
         tl.store(log_sum_sq_ptr + offs_n, tl.where(valid, tl.log(sq) - 2.0 * log_s, 0.0), mask=n_mask)
 
 
@@ -338,6 +384,9 @@ def _grid_1d(n_programs):
     return lambda meta: (n_programs(meta),)
 
 
+STATS = ("mean_logit", "is_argmax", "log_sum_sq_probs")
+
+
 def fused_linear_logprob_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -346,52 +395,53 @@ def fused_linear_logprob_fwd(
     temperature: float,
     ignore_index: int,
     with_entropy: bool,
-    with_stats: bool,
+    stats: tuple[str, ...] = (),
     split_v: int = SPLIT_V,
 ) -> dict[str, torch.Tensor]:
     """Launch the forward. hidden [N, K], weight [V, K] (same dtype, stride 1 not required), targets [N] int64.
 
-    Returns float32 [N] tensors "logprob", with the flags "entropy", "mean_logit", the bool "is_argmax" and
-    "log_sum_sq_probs" (log sum_v p_v^2) (rows whose target is ignore_index get 0 / False), and "lse": [2, N], each row's logsumexp of the scaled logits as
-    (max, log-sum), which the backward takes.
+    Returns float32 [N] tensors "logprob", "entropy" with with_entropy, and each of `stats` (a subset of STATS):
+    "mean_logit", the bool "is_argmax", "log_sum_sq_probs" (log sum_v p_v^2); rows whose target is ignore_index get
+    0 / False. Also "lse": [2, N], each row's logsumexp of the scaled logits as (max, log-sum), which the backward takes.
     """
     N, K = hidden.shape
     V = weight.shape[0]
     device = hidden.device
     num_splits = triton.cdiv(V, split_v)
     f32 = dict(device=device, dtype=torch.float32)
+    flags = {"HAS_ENTROPY": with_entropy, "HAS_MEAN": "mean_logit" in stats, "HAS_ARGMAX": "is_argmax" in stats,
+             "HAS_SQ": "log_sum_sq_probs" in stats}  # fmt: skip
     part_max = torch.empty((num_splits, N), **f32)
     part_sum = torch.empty((num_splits, N), **f32)
     part_ent = torch.empty((num_splits, N), **f32) if with_entropy else part_sum
-    part_zsum = torch.empty((num_splits, N), **f32) if with_stats else part_sum
-    part_arg = torch.empty((num_splits, N), device=device, dtype=torch.int32) if with_stats else part_sum
-    part_sq = torch.empty((num_splits, N), **f32) if with_stats else part_sum
-    tgt_logit = torch.zeros(N, **f32)
-    n_bucket = _n_bucket(N)
+    part_zsum = torch.empty((num_splits, N), **f32) if flags["HAS_MEAN"] else part_sum
+    part_arg = torch.empty((num_splits, N), device=device, dtype=torch.int32) if flags["HAS_ARGMAX"] else part_sum
+    part_sq = torch.empty((num_splits, N), **f32) if flags["HAS_SQ"] else part_sum
+    bias_or_any = bias if bias is not None else hidden
+    scaling = {"HAS_BIAS": bias is not None, "SCALED": temperature != 1.0}
     _fused_linear_logprob_fwd_kernel[_grid_1d(lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * num_splits)](
-        hidden, weight, bias if bias is not None else hidden, targets,
-        part_max, part_sum, part_ent, part_zsum, part_arg, part_sq, tgt_logit,
-        N, V, K, n_bucket, num_splits, split_v,
+        hidden, weight, bias_or_any, targets,
+        part_max, part_sum, part_ent, part_zsum, part_arg, part_sq,
+        N, V, K, _n_bucket(N), num_splits, split_v,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         temperature,
-        HAS_BIAS=bias is not None, SCALED=temperature != 1.0, HAS_ENTROPY=with_entropy, HAS_STATS=with_stats,
-        PRECISION=dot_precision(hidden.dtype),
+        **scaling, **flags, PRECISION=dot_precision(hidden.dtype),
     )  # fmt: skip
 
     out = {"logprob": torch.empty(N, **f32), "lse": torch.empty((2, N), **f32)}
     if with_entropy:
         out["entropy"] = torch.empty(N, **f32)
-    if with_stats:
-        out["mean_logit"] = torch.empty(N, **f32)
-        out["is_argmax"] = torch.empty(N, device=device, dtype=torch.bool)
-        out["log_sum_sq_probs"] = torch.empty(N, **f32)
-    block_n = 128
+    for name in stats:
+        out[name] = torch.empty(N, device=device, dtype=torch.bool if name == "is_argmax" else torch.float32)
+    block_n = 32
     _fused_linear_logprob_merge_kernel[(triton.cdiv(N, block_n),)](
-        part_max, part_sum, part_ent, part_zsum, part_arg, part_sq, tgt_logit, targets,
+        hidden, weight, bias_or_any,
+        part_max, part_sum, part_ent, part_zsum, part_arg, part_sq, targets,
         out["logprob"], out.get("entropy", part_sum), out["lse"][0], out["lse"][1], out.get("mean_logit", part_sum),
         out.get("is_argmax", part_sum), out.get("log_sum_sq_probs", part_sum),
-        N, V, num_splits, ignore_index,
-        HAS_ENTROPY=with_entropy, HAS_STATS=with_stats, BLOCK_N=block_n,
+        N, V, K, num_splits, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        temperature, ignore_index,
+        **scaling, **flags, BLOCK_N=block_n, BLOCK_K=min(triton.next_power_of_2(K), 128),
     )  # fmt: skip
     return out
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 from testing_utils import lm_head_inputs
 
-from posttrain.kernels.fused_linear_logprob import fused_linear_logprob_bwd, fused_linear_logprob_fwd
+from posttrain.kernels.fused_linear_logprob import STATS, fused_linear_logprob_bwd, fused_linear_logprob_fwd
 from posttrain.ops import fused_linear_logprob
 
 
 def _forward(hidden, weight, bias, targets, split_v):
-    return fused_linear_logprob_fwd(hidden, weight, bias, targets, 0.8, -100, True, True, split_v=split_v)
+    return fused_linear_logprob_fwd(hidden, weight, bias, targets, 0.8, -100, True, STATS, split_v=split_v)
 
 
 @pytest.mark.parametrize("split_v", [300, 1000, 2900], ids=lambda s: f"split{s}")
@@ -44,7 +44,7 @@ def test_chunked_backward_matches_reference_in_fp16():
     # fp16 inputs, several column chunks: dH is summed over chunks in fp32, then rounded once
     n, v = 33, 3000
     hidden, weight, _, targets = lm_head_inputs(n, 64, v, dtype=torch.float16)
-    fwd = fused_linear_logprob_fwd(hidden.detach(), weight.detach(), None, targets, 1.0, -100, False, False)
+    fwd = fused_linear_logprob_fwd(hidden.detach(), weight.detach(), None, targets, 1.0, -100, False)
     g = torch.randn(n)
     d_hidden, d_weight, _ = fused_linear_logprob_bwd(
         hidden.detach(), weight.detach(), None, targets, fwd["lse"], None, g, None, 1.0, -100, (True, True, False),

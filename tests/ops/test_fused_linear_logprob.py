@@ -155,6 +155,24 @@ def test_stats_match_reference():
     torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stats", [("is_argmax",), ("mean_logit", "log_sum_sq_probs")], ids=["argmax", "mean+sq"])
+def test_stats_subsets(stats):
+    hidden, weight, _, targets = lm_head_inputs(30, 32, 700, logit_scale=3.0, ignore_frac=0.2)
+    out = fused_linear_logprob(hidden, weight, targets, return_entropy=True, return_stats=stats, impl="triton")
+    ref = fused_linear_logprob(hidden, weight, targets, return_entropy=True, return_stats=True, impl="torch")
+    for name in ("mean_logit", "is_argmax", "log_sum_sq_probs"):
+        value = getattr(out, name)
+        if name not in stats:
+            assert value is None, name
+        elif name == "is_argmax":
+            assert torch.equal(value, ref.is_argmax)
+        else:
+            torch.testing.assert_close(value, getattr(ref, name), rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(out.entropy, ref.entropy, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="return_stats 'is_argmax' must be a bool or names among"):
+        fused_linear_logprob(hidden, weight, targets, return_stats="is_argmax")
+
+
 def test_argmax_ties_pick_the_first_maximum():
     # identical weight rows give identical logits; only the first of them counts as the argmax, as torch.argmax
     hidden = torch.randn(8, 16)
