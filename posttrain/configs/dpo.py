@@ -20,7 +20,7 @@ class DPOConfig(PosttrainConfig):
     bf16 True unless fp16 is set. posttrain adds `use_fused_kernels` (see PosttrainConfig).
 
     Model: model_init_kwargs (for `from_pretrained` when the model is given as a string), trust_remote_code,
-    router_aux_loss_coef (MoE auxiliary loss weight; not supported, see the trainer), disable_dropout (True).
+    router_aux_loss_coef (MoE load-balancing loss weight; None: the model config's), disable_dropout (True).
 
     Data: dataset_num_proc, max_length (1024; prompt + completion, per sequence), truncation_mode ("keep_start", or
     the deprecated "keep_end"), padding_free (False; True packs the chosen and rejected sequences of a batch into one
@@ -57,7 +57,7 @@ class DPOConfig(PosttrainConfig):
     )
     router_aux_loss_coef: float | None = field(
         default=None,
-        metadata={"help": "Weight of the MoE load-balancing loss (None: the model config's). Not supported yet."},
+        metadata={"help": "Weight of the MoE load-balancing loss (None: the model config's; 0.0: off)."},
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model and reference model."})
 

@@ -75,7 +75,7 @@ class GRPOConfig(PosttrainConfig):
         default=False, metadata={"help": "Allow models and tokenizers with custom code (policy and reward models)."}
     )
     router_aux_loss_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the MoE load-balancing loss (None: the model config's)."}
+        default=None, metadata={"help": "Weight of the MoE load-balancing loss (None: the model config's; 0.0: off)."}
     )
     disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability to 0."})
     cast_lm_head_to_fp32: bool = field(

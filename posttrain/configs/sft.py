@@ -19,7 +19,7 @@ class SFTConfig(PosttrainConfig):
     Model:
         model_init_kwargs: keyword arguments for `from_pretrained` when the trainer's `model` is a string.
         trust_remote_code: forwarded to `from_pretrained` of the model.
-        router_aux_loss_coef: MoE load-balancing loss weight (posttrain does not add that loss; see SFTTrainer).
+        router_aux_loss_coef: MoE load-balancing loss weight (None: the model config's; 0.0 turns it off).
         chat_template_path: a .jinja / .j2 file, or a tokenizer (path or hub id) whose chat template and added tokens
             are cloned into the processing class.
 
@@ -66,7 +66,7 @@ class SFTConfig(PosttrainConfig):
     )
     router_aux_loss_coef: float | None = field(
         default=None,
-        metadata={"help": "Weight of the MoE load-balancing loss (None: the model config's)."},
+        metadata={"help": "Weight of the MoE load-balancing loss (None: the model config's; 0.0: off)."},
     )
     chat_template_path: str | None = field(
         default=None,

@@ -5,8 +5,11 @@ normal forward call: DDP's gradient hooks arm, FSDP2 unshards the head's paramet
 """
 
 import functools
+import inspect
+import sys
 import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +25,8 @@ class TokenLogprobOutput(ModelOutput):
     Every per-token field is [B, T - 1], aligned with labels[:, 1:] (the next-token targets), and 0 / False where that
     label is -100. logprobs and entropy are float32 and differentiable; mean_logit (mean over the vocabulary of the
     temperature-scaled logits), is_argmax (the label is the most likely token) and log_sum_sq_probs (log sum_v p_v^2)
-    carry no gradient.
+    carry no gradient. aux_loss is the Mixture-of-Experts load-balancing loss (a differentiable scalar, as the model's
+    own forward returns it) when router logits are requested from an MoE model, else None.
     """
 
     logprobs: torch.Tensor | None = None
@@ -31,6 +35,7 @@ class TokenLogprobOutput(ModelOutput):
     is_argmax: torch.Tensor | None = None
     log_sum_sq_probs: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def _logit_scale(config) -> float:
@@ -76,6 +81,11 @@ def add_fused_logprob_head(
     original forward's logits go through the torch log-softmax: the same numbers, the plain way. Calls without
     `logprob_labels` (e.g. generate) run the original forward.
 
+    Mixture-of-Experts models (a text config with `output_router_logits`): when router logits are requested (the
+    call's `output_router_logits`, else the config's), `aux_loss` is the load-balancing loss the model's own forward
+    would return: its modeling module's `load_balancing_loss_func` (Mixtral's if it has none) on the routers' logits,
+    with the model's expert counts and the call's attention_mask.
+
     Args:
         model: a transformers causal LM (before PEFT wrapping or after; patch the underlying model).
         temperature: the logits are divided by it (GRPO's sampling temperature).
@@ -84,19 +94,18 @@ def add_fused_logprob_head(
 
     Example:
         >>> add_fused_logprob_head(model, entropy=True)
-        >>> out = model(input_ids=ids, attention_mask=mask, logprob_labels=labels)
-        >>> loss = -out.logprobs.sum() / out.label_mask.sum()
+        >>> out = model(input_ids=ids, attention_mask=mask, logprob_labels=labels, output_router_logits=True)
+        >>> loss = -out.logprobs.sum() / out.label_mask.sum() + 0.001 * out.aux_loss  # aux_loss: MoE models only
     """
     original_forward = model.forward
+    signature = inspect.signature(type(model).forward)
     config = model.config.get_text_config()
-    softcap = getattr(config, "final_logit_softcapping", None)
-    fused = use_fused_kernels and softcap is None
-    if use_fused_kernels and softcap is not None:
-        warnings.warn(
-            f"final_logit_softcapping={softcap}: the fused log-prob kernel does not soft-cap, so this model's log-probs "
-            "come from its full logits (more memory)",
-            stacklevel=2,
-        )
+    is_moe = hasattr(config, "output_router_logits")
+    load_balancing_loss = _load_balancing_loss(model, config) if is_moe else None
+    reason = _needs_full_logits(model, config, is_moe and load_balancing_loss is None)
+    fused = use_fused_kernels and reason is None
+    if use_fused_kernels and reason is not None:
+        warnings.warn(f"{reason}, so this model's log-probs come from its full logits (more memory)", stacklevel=2)
     effective_temperature = temperature / _logit_scale(config)
 
     @functools.wraps(type(model).forward)  # generate validates its kwargs against the original signature
@@ -104,16 +113,66 @@ def add_fused_logprob_head(
         if logprob_labels is None:
             return original_forward(*args, **kwargs)
         kwargs["use_cache"] = False
+        if getattr(config, "output_router_logits", False):  # read per call: trainers set it after patching
+            kwargs.setdefault("output_router_logits", True)
         labels = logprob_labels[:, 1:]
-        if fused:
-            _check_not_zero3()
-            hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-            head = self.get_output_embeddings()
-            return _fused_outputs(hidden, head, labels, effective_temperature, entropy, stats)
-        logits = original_forward(*args, **kwargs).logits[:, :-1]
-        return _plain_outputs(logits, labels, temperature, entropy, stats)
+        if not fused:
+            full = original_forward(*args, **kwargs)
+            out = _plain_outputs(full.logits[:, :-1], labels, temperature, entropy, stats)
+            out.aux_loss = getattr(full, "aux_loss", None)
+            return out
+        _check_not_zero3()
+        backbone = self.base_model(*args, **kwargs)
+        head = self.get_output_embeddings()
+        out = _fused_outputs(backbone.last_hidden_state[:, :-1], head, labels, effective_temperature, entropy, stats)
+        if is_moe and kwargs.get("output_router_logits"):
+            attention_mask = signature.bind(self, *args, **kwargs).arguments.get("attention_mask")
+            out.aux_loss = load_balancing_loss(backbone.router_logits, attention_mask)
+        return out
 
     model.forward = types.MethodType(forward, model)
+
+
+def _needs_full_logits(model, config, unknown_load_balancing: bool) -> str | None:
+    """Why the fused path cannot reproduce this model's forward, or None."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        return f"final_logit_softcapping={softcap}: the fused log-prob kernel does not soft-cap"
+    if unknown_load_balancing:
+        return (
+            f"{type(model).__name__}'s MoE load-balancing loss takes other arguments than (num_experts, top_k, "
+            "attention_mask), or its expert counts are not found: only its own forward computes it"
+        )
+    return None
+
+
+def _load_balancing_loss(model, config) -> Callable | None:
+    """`(router_logits, attention_mask) -> aux_loss` as the MoE model's own forward computes it, or None when its
+    loss function takes other arguments than Mixtral's or its expert counts are not found on the model or config."""
+    func = _module_load_balancing_loss(model)
+    # The causal LMs pass their own attributes (set from the config at init); VLM wrappers read the text config
+    num_experts = _first_attribute((model, config), ("num_experts", "num_local_experts"))
+    top_k = _first_attribute((model, config), ("num_experts_per_tok",))
+    if num_experts is None or top_k is None:
+        return None
+    if list(inspect.signature(func).parameters)[1:] != ["num_experts", "top_k", "attention_mask"]:
+        return None
+    return lambda router_logits, attention_mask: func(router_logits, num_experts, top_k, attention_mask)
+
+
+def _module_load_balancing_loss(model) -> Callable:
+    for cls in type(model).__mro__:
+        func = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+        if func is not None:
+            return func
+    # Mixtral's is the one the MoE families without their own copy share
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func
+
+
+def _first_attribute(objects, names):
+    return next((getattr(o, n) for o in objects for n in names if getattr(o, n, None) is not None), None)
 
 
 def _fused_outputs(hidden, head, labels, temperature, entropy, stats) -> TokenLogprobOutput:

@@ -74,3 +74,17 @@ def check_peft_model(model, gradient_checkpointing: bool) -> None:
         )
     if gradient_checkpointing:
         model.enable_input_require_grads()
+
+
+def router_aux_loss_setup(model, coef: float | None) -> tuple[float, bool]:
+    """(the Mixture-of-Experts load-balancing loss weight, whether it is added to the loss), as TRL 1.16 decides:
+    `coef`, or the architecture's own router_aux_loss_coef when None; a nonzero coef on a dense model is an error."""
+    text_config = model.config.get_text_config()
+    is_moe = hasattr(text_config, "output_router_logits")
+    if coef and not is_moe:
+        raise ValueError(
+            f"router_aux_loss_coef={coef}, but {type(model).__name__} is not a Mixture-of-Experts model that returns "
+            "router logits: there is no auxiliary loss to weight"
+        )
+    effective = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    return effective, is_moe and effective != 0.0

@@ -31,7 +31,7 @@ from posttrain.models.lm_head import add_fused_logprob_head
 from posttrain.models.loading import apply_peft, create_model, disable_dropout
 from posttrain.ops.dpo_loss import dpo_loss
 
-from .base import PosttrainTrainer, check_peft_model, keep_liger_off_the_head
+from .base import PosttrainTrainer, check_peft_model, keep_liger_off_the_head, router_aux_loss_setup
 
 logger = logging.get_logger(__name__)
 
@@ -80,8 +80,12 @@ class DPOTrainer(PosttrainTrainer):
         quantization_config: a BitsAndBytesConfig applied when `model` is loaded from an id / path.
         peft_config: wrap the model with this PEFT adapter (needs peft installed).
 
+    For a Mixture-of-Experts policy, router_aux_loss_coef (None: the architecture's own) times its load-balancing loss
+    on the batch is added to the loss, as TRL.
+
     Logged (TRL's names): loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
-    logps/rejected, logits/chosen, logits/rejected, entropy, mean_token_accuracy, num_tokens.
+    logps/rejected, logits/chosen, logits/rejected, entropy, mean_token_accuracy, num_tokens, and aux_loss (MoE with a
+    nonzero coefficient).
 
     Example:
         >>> from posttrain import DPOConfig, DPOTrainer
@@ -155,7 +159,7 @@ class DPOTrainer(PosttrainTrainer):
                 "`accelerate launch` or `torchrun`, or make one GPU visible with CUDA_VISIBLE_DEVICES"
             )
         self._offload_context = _activation_offloading(args)
-        _check_moe_aux_loss(model, args)
+        self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_setup(model, args.router_aux_loss_coef)
 
         self.ref_model = self._build_ref_model(ref_model, model_source, args, quantization_config)
         if args.disable_dropout:
@@ -325,6 +329,8 @@ class DPOTrainer(PosttrainTrainer):
         and the batch's metrics appended to self._metrics."""
         mode = "train" if self.model.training else "eval"
         model_kwargs, labels = _model_inputs(inputs)
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
         outputs = model(**model_kwargs, logprob_labels=labels)
         tokens = {
             name: _per_sequence(getattr(outputs, name), inputs)
@@ -340,6 +346,9 @@ class DPOTrainer(PosttrainTrainer):
         pair_weights = _wpo_weights(tokens) if self.use_weighting else None
         logps = (chosen_logps, rejected_logps, ref_chosen_logps.to(chosen_logps), ref_rejected_logps.to(chosen_logps))
         loss = self._preference_loss(logps, tokens, inputs, pair_weights)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
         self._log_metrics(mode, logps, tokens, inputs)
         if return_outputs:
             warnings.warn(
@@ -581,30 +590,6 @@ def _add_reference_adapter(model) -> None:
 
 def _unwrap_peft(model):
     return model.get_base_model() if is_peft_model(model) else model
-
-
-def _check_moe_aux_loss(model, args: DPOConfig) -> None:
-    text_config = model.config.get_text_config()
-    coef = args.router_aux_loss_coef
-    is_moe = hasattr(text_config, "output_router_logits")
-    if coef and not is_moe:
-        raise ValueError(
-            f"router_aux_loss_coef is {coef} but {type(model).__name__} is not a Mixture-of-Experts model returning "
-            "router logits, so there is no auxiliary loss to weight"
-        )
-    effective = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
-    if not is_moe or not effective:
-        return
-    if coef is not None:
-        raise NotImplementedError(
-            f"router_aux_loss_coef={coef}: posttrain's DPOTrainer does not add the MoE load-balancing loss yet; set "
-            "router_aux_loss_coef=0.0"
-        )
-    warnings.warn(
-        f"{type(model).__name__} is a Mixture-of-Experts model: TRL would add its load-balancing loss (weight "
-        f"{effective}), posttrain's DPOTrainer does not yet. Set router_aux_loss_coef=0.0 to silence this",
-        stacklevel=3,
-    )
 
 
 def _activation_offloading(args: DPOConfig):

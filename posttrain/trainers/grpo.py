@@ -32,7 +32,7 @@ from posttrain.ops.grpo_loss import grpo_loss
 from posttrain.rewards.registry import resolve_reward_func
 from posttrain.rewards.scoring import reward_func_name, reward_model_scores, score_completions
 
-from .base import PosttrainTrainer, check_peft_model
+from .base import PosttrainTrainer, check_peft_model, router_aux_loss_setup
 from .generation import TransformersGeneration, VLLMColocateGeneration, no_grad_without_checkpointing
 
 # Loss types whose normalizer already spans the accumulated batch (TRL's num_items_in_batch)
@@ -148,16 +148,18 @@ class GRPOTrainer(PosttrainTrainer):
         peft_config: wraps the model with an adapter; with beta != 0 the reference is the model with adapters off.
         tools, rollout_func, environment_factory: accepted for signature compatibility; not supported (error if set).
 
-    Not supported (NotImplementedError when set): loss_type="vespo", top_entropy_quantile < 1,
-    off_policy_mask_threshold, vLLM importance-sampling correction / server mode / tensor parallelism / sleep mode,
-    continuous batching, cast_lm_head_to_fp32, vision-language processors, IterableDataset, DeepSpeed ZeRO-3, MoE
-    auxiliary loss.
+    Not supported (NotImplementedError when set): loss_type="vespo", vLLM importance-sampling correction / server
+    mode / tensor parallelism / sleep mode, continuous batching, cast_lm_head_to_fp32, vision-language processors,
+    IterableDataset, DeepSpeed ZeRO-3.
+
+    For a Mixture-of-Experts policy, router_aux_loss_coef (None: the architecture's own) times its load-balancing loss
+    on the micro-batch is added to the loss (scaled for gradient accumulation), as TRL.
 
     Logged (TRL's names): reward, reward_std, rewards/<name>/mean and /std, frac_reward_zero_std, kl (beta != 0),
     entropy, clip_ratio/low_mean, /low_min, /high_mean, /high_max, /region_mean (cispo: cispo_clip_ratio),
     completions/mean_length, /min_length, /max_length, /clipped_ratio, /mean_terminated_length,
-    /min_terminated_length, /max_terminated_length, num_tokens, step_time, and policy_loss / entropy_coef with an
-    entropy bonus.
+    /min_terminated_length, /max_terminated_length, num_tokens, step_time, policy_loss / entropy_coef with an
+    entropy bonus, and aux_loss (MoE with a nonzero coefficient).
 
     Example:
         >>> from posttrain import GRPOTrainer
@@ -193,7 +195,7 @@ class GRPOTrainer(PosttrainTrainer):
         model = self._load_policy(model, args, quantization_config)
         processing_class = self._setup_tokenizer(model, processing_class, args)
         model = self._wrap_peft(model, peft_config, args)
-        self._check_moe(model, args)
+        self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_setup(model, args.router_aux_loss_coef)
         self.reward_funcs, self.reward_func_names = self._load_reward_funcs(reward_funcs, args)
         self.reward_weights = self._reward_weights(args)
         self.reward_processing_classes = self._reward_tokenizers(reward_processing_classes, args)
@@ -318,23 +320,6 @@ class GRPOTrainer(PosttrainTrainer):
             )
         check_peft_model(model, args.gradient_checkpointing)
         return model
-
-    @staticmethod
-    def _check_moe(model, args):
-        text_config = model.config.get_text_config()
-        coef = args.router_aux_loss_coef
-        if coef and not hasattr(text_config, "output_router_logits"):
-            raise ValueError(
-                f"router_aux_loss_coef={coef} but {type(model).__name__} is not a mixture-of-experts model that "
-                "returns router logits"
-            )
-        effective = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
-        if hasattr(text_config, "output_router_logits") and effective:
-            raise NotImplementedError(
-                f"{type(model).__name__} is a mixture-of-experts model whose load-balancing loss (coefficient "
-                f"{effective}) posttrain's fused head does not return yet: set router_aux_loss_coef=0.0 to train "
-                "without it"
-            )
 
     def _load_reward_funcs(self, reward_funcs, args) -> tuple[list, list[str]]:
         if reward_funcs is None or (isinstance(reward_funcs, list) and not reward_funcs):
@@ -568,25 +553,33 @@ class GRPOTrainer(PosttrainTrainer):
         return is_truncated
 
     def _token_logprobs(self, model, input_ids, attention_mask, num_completion_tokens, *, batch_size=None,
-                        entropy=False):  # fmt: skip
-        """Per-token log-probs [B, C] (and entropies) of the last C positions (the completion) under `model`.
+                        entropy=False, aux_loss=False):  # fmt: skip
+        """Per-token log-probs [B, C] (and entropies) of the last C positions (the completion) under `model`, and
+        with aux_loss the MoE load-balancing loss (the mean over chunks); None for what was not asked.
 
         Runs the patched forward (fused LM-head kernel, no full logits) in chunks of `batch_size` rows. As TRL, the
         model gets the attention mask but no position ids.
         """
         C = num_completion_tokens
         batch_size = batch_size or input_ids.shape[0]
-        logps, entropies = [], []
+        router = {"output_router_logits": True} if aux_loss else {}
+        logps, entropies, aux_losses = [], [], []
         for start in range(0, input_ids.shape[0], batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
             labels = ids.masked_fill(mask == 0, -100)
             labels[:, :-C] = -100
             with self.accelerator.autocast():
-                out = model(input_ids=ids, attention_mask=mask, logprob_labels=labels)
+                out = model(input_ids=ids, attention_mask=mask, logprob_labels=labels, **router)
             logps.append(out.logprobs[:, -C:])
             if entropy:
                 entropies.append(out.entropy[:, -C:])
-        return torch.cat(logps), (torch.cat(entropies) if entropy else None)
+            if aux_loss:
+                aux_losses.append(out.aux_loss)
+        return (
+            torch.cat(logps),
+            torch.cat(entropies) if entropy else None,
+            torch.stack(aux_losses).mean() if aux_loss else None,
+        )
 
     def _reference_logprobs(self, batch: dict, mode: str) -> dict:
         """old_per_token_logps (when the batch is reused across optimizer steps) and ref_per_token_logps (beta != 0)."""
@@ -714,9 +707,10 @@ class GRPOTrainer(PosttrainTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         mask = inputs["completion_mask"]
-        logps, entropies = self._token_logprobs(
-            model, input_ids, attention_mask, inputs["completion_ids"].shape[1], entropy=True
-        )
+        logps, entropies, aux_loss = self._token_logprobs(
+            model, input_ids, attention_mask, inputs["completion_ids"].shape[1], entropy=True,
+            aux_loss=self.aux_loss_enabled,
+        )  # fmt: skip
         token_normalized = self.args.loss_type in TOKEN_NORMALIZED_LOSSES
         num_items = None
         if token_normalized:
@@ -742,6 +736,10 @@ class GRPOTrainer(PosttrainTrainer):
             bonus_mask = mask if entropy_mask is None else mask * entropy_mask
             loss = loss - self._entropy_bonus(entropies, bonus_mask, mode, accumulation)
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss.detach()).nanmean().item())
+        if self.aux_loss_enabled:
+            # a per-micro-batch mean, scaled for gradient accumulation as the policy loss is
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_loss_metrics(stats, entropies, mask, mode)
         return loss
 

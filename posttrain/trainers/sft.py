@@ -15,7 +15,7 @@ from posttrain.models.attention import use_padding_free_attention
 from posttrain.models.lm_head import add_fused_logprob_head
 from posttrain.models.loading import apply_peft, create_model, load_processing_class, resolve_model
 
-from .base import PosttrainTrainer, check_peft_model, keep_liger_off_the_head
+from .base import PosttrainTrainer, check_peft_model, keep_liger_off_the_head, router_aux_loss_setup
 
 _PACKED_STRATEGIES = ("bfd", "bfd_split")
 
@@ -26,10 +26,13 @@ class SFTTrainer(PosttrainTrainer):
     The loss is the token-mean negative log-likelihood of the label tokens (labels != -100), from
     `fused_linear_logprob` on the last hidden state, never building [batch, seq, vocab] logits. Under gradient
     accumulation it is normalized by the label tokens of the whole accumulated batch (`num_items_in_batch`), as TRL.
-    With loss_type="dft", each token's loss is weighted by its detached probability.
+    With loss_type="dft", each token's loss is weighted by its detached probability. For a Mixture-of-Experts model,
+    router_aux_loss_coef (None: the architecture's own) times its load-balancing loss is added, averaged over the
+    accumulated micro-batches, as TRL.
 
     Logged: loss, num_tokens (tokens seen in training so far: attention-mask ones, or the row length when padding-free),
-    mean_token_accuracy (label tokens that are the argmax) and entropy (mean over label tokens), as TRL.
+    mean_token_accuracy (label tokens that are the argmax), entropy (mean over label tokens) and, for MoE models with a
+    nonzero coefficient, aux_loss (the unweighted load-balancing loss), as TRL.
 
     Args:
         model: a hub id or local path (loaded with `args.model_init_kwargs`) or a causal LM.
@@ -139,7 +142,7 @@ class SFTTrainer(PosttrainTrainer):
         return self._prepare(train_dataset, args, args.packing, "train"), self._prepare_eval(eval_dataset, args)
 
     def _patch_model(self, args: SFTConfig) -> None:
-        """After Trainer.__init__: the fused log-prob head, packing-safe attention, and the MoE aux-loss setting."""
+        """After Trainer.__init__: the fused log-prob head, packing-safe attention, and the MoE aux-loss weight."""
         if args.n_gpu > 1:
             raise ValueError(
                 "SFTTrainer does not support nn.DataParallel (several GPUs visible to one process): launch with "
@@ -152,7 +155,7 @@ class SFTTrainer(PosttrainTrainer):
         eval_packing = args.packing if args.eval_packing is None else args.eval_packing
         if self.padding_free or (eval_packing and args.packing_strategy in _PACKED_STRATEGIES):
             use_padding_free_attention(base)
-        _disable_router_aux_loss(base, args.router_aux_loss_coef)
+        self.router_aux_loss_coef, self.aux_loss_enabled = _router_aux_loss_setup(base, args.router_aux_loss_coef)
 
     def _check_parallelism(self, args: SFTConfig) -> None:
         config = getattr(self.accelerator, "parallelism_config", None)
@@ -234,7 +237,11 @@ class SFTTrainer(PosttrainTrainer):
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        if self.aux_loss_enabled:
+            model_inputs["output_router_logits"] = True
+        weighted_aux_loss = None
         if self.compute_loss_func is not None or (self.label_smoother is not None and self.args.loss_type == "nll"):
+            # As TRL, these losses come from the logits alone: the MoE aux loss is logged but not added
             loss = self._loss_from_logits(model, model_inputs, labels, num_items_in_batch)
             with torch.no_grad():
                 out = model(**model_inputs, logprob_labels=labels)
@@ -246,9 +253,15 @@ class SFTTrainer(PosttrainTrainer):
             count = out.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
             # clamped: a micro-batch with no label token contributes a zero loss, not 0 / 0
             loss = per_token.sum() / torch.as_tensor(count).clamp(min=1)
+            if self.aux_loss_enabled:
+                weighted_aux_loss = self.router_aux_loss_coef * out.aux_loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens, and DDP averages the gradients over ranks
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if weighted_aux_loss is not None:
+            # a per-micro-batch mean: with num_items_in_batch, Trainer leaves the accumulation scaling to the loss
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + weighted_aux_loss / steps
         self._record_metrics(mode, out, inputs)
         if return_outputs:
             with torch.no_grad():
@@ -277,6 +290,8 @@ class SFTTrainer(PosttrainTrainer):
                 raise ValueError("the batch has neither attention_mask nor position_ids to count its tokens")
             self._total_train_tokens += gather(tokens).sum().item() // self.get_tp_size()
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled:
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(out.aux_loss).mean().item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval step: the loss alone, or also the logits (an extra forward) when compute_metrics needs them."""
@@ -431,20 +446,12 @@ def _check_checkpointing_kwargs(args: SFTConfig) -> None:
     kwargs.pop("selective", None)  # False means off; torch's checkpoint would reject the key
 
 
-def _disable_router_aux_loss(model: PreTrainedModel, coef: float | None) -> None:
+def _router_aux_loss_setup(model: PreTrainedModel, coef: float | None) -> tuple[float, bool]:
+    """router_aux_loss_setup, and (as TRL's SFT) the model config follows it, so that the model's own forward agrees
+    and router_aux_loss_coef=0.0 turns the router logits off."""
+    effective, enabled = router_aux_loss_setup(model, coef)
     text_config = model.config.get_text_config()
-    is_moe = hasattr(text_config, "output_router_logits")
-    if coef and not is_moe:
-        raise ValueError(
-            f"router_aux_loss_coef={coef}, but {type(model).__name__} is not a Mixture-of-Experts model that returns "
-            "router logits: there is no auxiliary loss to weight"
-        )
-    effective = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
-    if is_moe and effective:
-        warnings.warn(
-            f"posttrain's SFTTrainer does not add the MoE load-balancing loss (router_aux_loss_coef={effective}): the "
-            "fused log-prob head does not return router logits yet. Set router_aux_loss_coef=0.0 to silence this.",
-            stacklevel=4,
-        )
-    if is_moe:
-        text_config.output_router_logits = False
+    if hasattr(text_config, "router_aux_loss_coef"):
+        text_config.output_router_logits = enabled
+        text_config.router_aux_loss_coef = effective
+    return effective, enabled

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from moe_utils import tiny_moe_lm
 
 from posttrain.models import add_fused_logprob_head, tiny_causal_lm
 
@@ -83,3 +84,71 @@ def test_softcapped_model_falls_back_with_a_warning():
     ids, attention_mask, labels = _batch()
     out = model(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels)
     assert torch.isfinite(out.logprobs).all()
+
+
+# ---- Mixture-of-Experts: the load-balancing loss ----
+
+
+@pytest.mark.parametrize("use_fused_kernels", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("architecture", ["qwen2_moe", "mixtral"])
+def test_moe_aux_loss_matches_the_models_own_forward(architecture, use_fused_kernels):
+    """aux_loss (Qwen2-MoE: num_experts; Mixtral: num_local_experts) equals the model's own, padding excluded by the
+    attention mask, and its gradient reaches every router exactly as the model's own aux_loss's does."""
+    model, _ = tiny_moe_lm(seed=6, architecture=architecture)
+    ids, attention_mask, labels = _batch()
+    expected = model(input_ids=ids, attention_mask=attention_mask, output_router_logits=True).aux_loss
+    expected.backward()
+    routers = {name: p for name, p in model.named_parameters() if name.endswith("mlp.gate.weight")}
+    expected_grads = {name: p.grad.clone() for name, p in routers.items()}
+    model.zero_grad()
+
+    add_fused_logprob_head(model, use_fused_kernels=use_fused_kernels)
+    out = model(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels, output_router_logits=True)
+    assert out.aux_loss.shape == () and out.aux_loss.requires_grad
+    torch.testing.assert_close(out.aux_loss, expected, rtol=1e-6, atol=1e-7)
+    # the mask matters: counting the padded positions gives another value
+    unmasked = model(input_ids=ids, logprob_labels=labels, output_router_logits=True).aux_loss
+    assert not torch.isclose(unmasked, expected, rtol=1e-4)
+    out.aux_loss.backward()
+    assert len(routers) == 2
+    for name, param in routers.items():
+        assert param.grad.abs().sum() > 0, name
+        torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_moe_aux_loss_follows_the_call_then_the_config():
+    model, _ = tiny_moe_lm(seed=7)
+    add_fused_logprob_head(model)
+    ids, attention_mask, labels = _batch()
+    inputs = {"input_ids": ids, "attention_mask": attention_mask, "logprob_labels": labels}
+    assert model(**inputs).aux_loss is None  # the config's output_router_logits defaults to False
+    model.config.output_router_logits = True
+    assert model(**inputs).aux_loss is not None
+    assert model(**inputs, output_router_logits=False).aux_loss is None
+
+
+def test_dense_model_has_no_aux_loss():
+    model, _ = tiny_causal_lm(seed=8)
+    add_fused_logprob_head(model)
+    ids, attention_mask, labels = _batch()
+    assert model(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels).aux_loss is None
+
+
+def test_moe_with_an_unknown_load_balancing_loss_falls_back_with_a_warning(monkeypatch):
+    """A module whose load_balancing_loss_func takes other arguments (as Doge's num_keys) cannot be reproduced from the
+    backbone: the model's own forward (full logits) computes it."""
+    import transformers.models.qwen2_moe.modeling_qwen2_moe as qwen2_moe
+
+    own = qwen2_moe.load_balancing_loss_func
+
+    def keyed(gate_logits, num_experts=None, top_k=2, attention_mask=None, num_keys=None):
+        return own(gate_logits, num_experts, top_k, attention_mask)
+
+    monkeypatch.setattr(qwen2_moe, "load_balancing_loss_func", keyed)
+    model, _ = tiny_moe_lm(seed=9)
+    with pytest.warns(UserWarning, match="Qwen2MoeForCausalLM's MoE load-balancing loss takes other arguments"):
+        add_fused_logprob_head(model)
+    ids, attention_mask, labels = _batch()
+    out = model(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels, output_router_logits=True)
+    expected = model(input_ids=ids, attention_mask=attention_mask, output_router_logits=True).aux_loss
+    torch.testing.assert_close(out.aux_loss, expected)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
+from moe_utils import ARCHITECTURE_COEF, save_tiny_moe
 
 import posttrain
 from posttrain import DPOConfig, DPOTrainer
@@ -80,17 +81,18 @@ class Run:
 
 @pytest.fixture(scope="module")
 def train(tiny_model_dir, tmp_path_factory):
-    """train(lib, data="standard", evaluate=False, model=None, **config) -> Run, cached per arguments."""
+    """train(lib, data="standard", evaluate=False, model=None, model_dir=None, **config) -> Run, cached per arguments.
+    model: an in-memory (model, tokenizer); model_dir: a saved model other than the tiny Qwen2."""
     cache = {}
 
-    def run(lib: str, data: str = "standard", evaluate: bool = False, model=None, **config) -> Run:
-        key = (lib, data, evaluate, model is not None, repr(sorted(config.items())))
+    def run(lib: str, data: str = "standard", evaluate: bool = False, model=None, model_dir=None, **config) -> Run:
+        key = (lib, data, evaluate, model is not None, model_dir, repr(sorted(config.items())))
         if key not in cache:
             module = trl if lib == "trl" else posttrain
             args = module.DPOConfig(output_dir=str(tmp_path_factory.mktemp("dpo")), **{**BASE_CONFIG, **config})
             extra = {"processing_class": model[1]} if model is not None else {}
             trainer = module.DPOTrainer(
-                tiny_model_dir if model is None else model[0], args=args, train_dataset=DATASETS[data](),
+                (model_dir or tiny_model_dir) if model is None else model[0], args=args, train_dataset=DATASETS[data](),
                 eval_dataset=DATASETS[data]() if evaluate else None, **extra,
             )  # fmt: skip
             trainer.train()
@@ -199,6 +201,35 @@ def test_in_memory_model_trains_against_a_copy_of_itself(train):
     assert run.trainer.ref_model is not run.trainer.model
     assert not any(p.requires_grad for p in run.trainer.ref_model.parameters())
     _assert_same_logs(run.logs, train("trl").logs)
+
+
+@pytest.fixture(scope="module")
+def moe_model_dir(tmp_path_factory):
+    return save_tiny_moe(tmp_path_factory.mktemp("tiny-moe"))
+
+
+def test_moe_aux_loss_matches_trl(train, moe_model_dir):
+    """router_aux_loss_coef=None: the architecture's 0.05 times the policy's load-balancing loss (padding excluded by
+    the attention mask) joins the loss, averaged over accumulated micro-batches by Trainer, and aux_loss is logged."""
+    config = {"model_dir": moe_model_dir, "gradient_accumulation_steps": 2, "per_device_train_batch_size": 1}
+    theirs, ours = train("trl", **config), train("posttrain", **config)
+    _assert_same_logs(ours.logs, theirs.logs)
+    assert "aux_loss" in ours.logs[0] and ours.trainer.router_aux_loss_coef == ARCHITECTURE_COEF
+
+
+def test_moe_router_aux_loss_coef_zero_adds_no_aux_term(train, moe_model_dir):
+    config = {"model_dir": moe_model_dir, "gradient_accumulation_steps": 2, "per_device_train_batch_size": 1}
+    with_aux = train("posttrain", **config).logs
+    without = train("posttrain", router_aux_loss_coef=0.0, max_steps=1, **config)
+    assert not without.trainer.aux_loss_enabled and all("aux_loss" not in entry for entry in without.logs)
+    # step 1 starts from the same weights: the losses differ by exactly the weighted aux term
+    step1_aux = ARCHITECTURE_COEF * with_aux[0]["aux_loss"]
+    assert math.isclose(with_aux[0]["loss"] - without.logs[0]["loss"], step1_aux, rel_tol=1e-3)
+
+
+def test_router_aux_loss_coef_on_a_dense_model_is_an_error(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="router_aux_loss_coef=0.01, but Qwen2ForCausalLM is not a Mixture-of-Experts"):
+        _trainer(tiny_model_dir, tmp_path, DATASETS["standard"](), router_aux_loss_coef=0.01)
 
 
 def test_precomputed_reference_keeps_no_reference_model(train):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import trl
 from datasets import Dataset, IterableDataset
+from moe_utils import tiny_moe_lm
 from transformers import AutoModelForCausalLM, Qwen2ForSequenceClassification
 
 import posttrain
@@ -57,6 +58,16 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-grpo")
     model, tokenizer = tiny_causal_lm(seed=0)
     model.generation_config.eos_token_id = [258, *STOP_IDS]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def moe_model_dir(tmp_path_factory):
+    model, tokenizer = tiny_moe_lm(seed=0)
+    model.generation_config.eos_token_id = [258, *STOP_IDS]
+    path = tmp_path_factory.mktemp("tiny-moe")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -112,22 +123,22 @@ PARITY = {
 class Runs:
     """Trains (library, config) pairs once per module and keeps the trainers and their logs."""
 
-    def __init__(self, tmp_path_factory, model_dir, reward_model_dir):
-        self.tmp, self.model_dir, self.reward_model_dir = tmp_path_factory, model_dir, reward_model_dir
+    def __init__(self, tmp_path_factory, model_dirs, reward_model_dir):
+        self.tmp, self.model_dirs, self.reward_model_dir = tmp_path_factory, model_dirs, reward_model_dir
         self.cache = {}
 
     def reward_funcs(self, names):
         table = {"letters": letters_reward, "distinct": distinct_tokens, "solution": solution_reward}
         return [self.reward_model_dir if n == "reward_model" else table[n] for n in names]
 
-    def get(self, name, library, **extra):
-        key = (name, library, tuple(sorted(extra.items())))
+    def get(self, name, library, model="dense", **extra):
+        key = (name, library, model, tuple(sorted(extra.items())))
         if key not in self.cache:
             dataset_fn, funcs, overrides, evaluate = PARITY[name]
             module = trl if library == "trl" else posttrain
             args = module.GRPOConfig(output_dir=str(self.tmp.mktemp("out")), **{**BASE, **overrides, **extra})
             trainer = module.GRPOTrainer(
-                model=self.model_dir, reward_funcs=self.reward_funcs(funcs), args=args,
+                model=self.model_dirs[model], reward_funcs=self.reward_funcs(funcs), args=args,
                 train_dataset=dataset_fn(), eval_dataset=dataset_fn() if evaluate else None,
             )  # fmt: skip
             with warnings.catch_warnings():
@@ -140,8 +151,8 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, model_dir, reward_model_dir):
-    return Runs(tmp_path_factory, model_dir, reward_model_dir)
+def runs(tmp_path_factory, model_dir, moe_model_dir, reward_model_dir):
+    return Runs(tmp_path_factory, {"dense": model_dir, "moe": moe_model_dir}, reward_model_dir)
 
 
 def assert_logs_close(expected: list[dict], actual: list[dict]):
@@ -205,6 +216,35 @@ def test_num_iterations_reuses_each_generation_batch(runs):
     assert [("reward" in entry) for entry in logs] == [True, False, True]  # sampled at steps 1 and 3 only
     assert "old_per_token_logps" in trainer._buffered_inputs[0]
     assert logs[1]["clip_ratio/region_mean"] >= 0  # the second pass is off-policy: ratios are not all 1
+
+
+def test_moe_aux_loss_matches_trl(runs):
+    """An explicit router_aux_loss_coef times the load-balancing loss of each micro-batch, scaled for gradient
+    accumulation as the policy loss is; aux_loss logged as TRL."""
+    _, expected = runs.get("dapo_ga2_none_rewards", "trl", model="moe", router_aux_loss_coef=0.1)
+    trainer, actual = runs.get("dapo_ga2_none_rewards", "posttrain", model="moe", router_aux_loss_coef=0.1)
+    assert_logs_close(expected, actual)
+    assert all(1.0 < entry["aux_loss"] < 4.0 for entry in actual)  # 4 experts, top-2: ~2 when balanced
+    assert trainer.router_aux_loss_coef == 0.1 and trainer.aux_loss_enabled
+
+
+def test_moe_router_aux_loss_coef_zero_adds_no_aux_term(runs):
+    _, with_aux = runs.get("dapo_ga2_none_rewards", "posttrain", model="moe", router_aux_loss_coef=0.1)
+    trainer, without = runs.get(
+        "dapo_ga2_none_rewards", "posttrain", model="moe", router_aux_loss_coef=0.0, max_steps=1
+    )
+    assert not trainer.aux_loss_enabled and all("aux_loss" not in entry for entry in without)
+    # the same completions from the same weights at step 1: the losses differ by exactly the weighted aux term
+    assert with_aux[0]["reward"] == without[0]["reward"]
+    assert math.isclose(with_aux[0]["loss"] - without[0]["loss"], 0.1 * with_aux[0]["aux_loss"], rel_tol=1e-3)
+
+
+def test_router_aux_loss_coef_on_a_dense_model_is_an_error(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="router_aux_loss_coef=0.01, but Qwen2ForCausalLM is not a Mixture-of-Experts"):
+        posttrain.GRPOTrainer(
+            model_dir, letters_reward, args=tiny_args(tmp_path, router_aux_loss_coef=0.01),
+            train_dataset=standard_dataset(),
+        )  # fmt: skip
 
 
 def test_conversational_completions_are_assistant_messages(runs):

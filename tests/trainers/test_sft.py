@@ -11,6 +11,7 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
+from moe_utils import ARCHITECTURE_COEF, save_tiny_moe
 from transformers import TrainingArguments
 
 import posttrain
@@ -75,10 +76,10 @@ def _train(lib, model_dir, dataset, tmp_path, **config):
     return [entry for entry in trainer.state.log_history if "loss" in entry], trainer
 
 
-def _assert_logs_close(actual, expected):
+def _assert_logs_close(actual, expected, metrics=METRICS):
     assert len(actual) == len(expected) == 3
     for step, (ours, theirs) in enumerate(zip(actual, expected), start=1):
-        for name in METRICS:
+        for name in metrics:
             assert math.isclose(ours[name], theirs[name], rel_tol=RTOL, abs_tol=1e-7), (
                 f"step {step} {name}: posttrain {ours[name]} vs TRL {theirs[name]}"
             )
@@ -490,38 +491,40 @@ def test_label_smoothing_uses_the_full_logits(tiny_model_dir, tmp_path):
     torch.testing.assert_close(loss, expected)
 
 
-def test_moe_model_warns_that_the_aux_loss_is_not_added(tmp_path):
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
-
-    from posttrain.models import byte_level_tokenizer
-
-    config = Qwen2MoeConfig(
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_experts=4,
-        num_experts_per_tok=2,
-        router_aux_loss_coef=0.001,
-        output_router_logits=True,
-    )
-    model = Qwen2MoeForCausalLM(config)
-    tokenizer = byte_level_tokenizer()
-    with pytest.warns(UserWarning, match=r"does not add the MoE load-balancing loss \(router_aux_loss_coef=0.001\)"):
-        SFTTrainer(model, args=_config(posttrain, tmp_path), train_dataset=_text(), processing_class=tokenizer)
-    assert model.config.output_router_logits is False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        SFTTrainer(
-            model,
-            args=_config(posttrain, tmp_path, router_aux_loss_coef=0.0),
-            train_dataset=_text(),
-            processing_class=tokenizer,
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory):
+    """TRL and posttrain on the tiny MoE model (router_aux_loss_coef=None: the architecture's 0.05), with gradient
+    accumulation (the aux term is a per-micro-batch mean, averaged over the accumulated micro-batches) and TRL's
+    default gradient checkpointing (the routers' logits are recorded by hooks, which recomputation must not upset);
+    and posttrain with router_aux_loss_coef=0.0 on the same model saved with output_router_logits=True (1 step)."""
+    model_dir = save_tiny_moe(tmp_path_factory.mktemp("tiny-moe"))
+    off_dir = save_tiny_moe(tmp_path_factory.mktemp("tiny-moe-router-logits-on"), output_router_logits=True)
+    common = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 1, "gradient_checkpointing": True}
+    return {
+        name: _train(lib, directory, _text(), tmp_path_factory.mktemp(name), **common, **config)
+        for name, lib, directory, config in (
+            ("trl", trl, model_dir, {}),
+            ("posttrain", posttrain, model_dir, {}),
+            ("coef0", posttrain, off_dir, {"router_aux_loss_coef": 0.0, "max_steps": 1}),
         )
+    }
+
+
+def test_moe_aux_loss_matches_trl(moe_runs):
+    (expected, _), (actual, trainer) = moe_runs["trl"], moe_runs["posttrain"]
+    _assert_logs_close(actual, expected, metrics=(*METRICS, "aux_loss"))
+    assert trainer.router_aux_loss_coef == ARCHITECTURE_COEF and trainer.aux_loss_enabled
+    assert all(1.0 < entry["aux_loss"] < 4.0 for entry in actual)  # 4 experts, top-2: ~2 when balanced
+
+
+def test_moe_router_aux_loss_coef_zero_adds_no_aux_term(moe_runs):
+    (with_aux, _), (without, trainer) = moe_runs["posttrain"], moe_runs["coef0"]
+    assert not trainer.aux_loss_enabled and all("aux_loss" not in entry for entry in without)
+    # as TRL, the config follows the coefficient: the router logits the model was saved with are turned off
+    assert trainer.model.config.output_router_logits is False
+    # same weights at step 1: the losses differ by exactly the weighted aux term
+    step1_aux = ARCHITECTURE_COEF * with_aux[0]["aux_loss"]
+    assert math.isclose(with_aux[0]["loss"] - without[0]["loss"], step1_aux, rel_tol=1e-3)
 
 
 def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir, tmp_path):
