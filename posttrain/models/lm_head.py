@@ -16,6 +16,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from posttrain.ops import fused_linear_logprob, selective_log_softmax
+from posttrain.ops.fused_linear_logprob import STATS, requested_stats
 
 
 @dataclass
@@ -71,7 +72,7 @@ def add_fused_logprob_head(
     *,
     temperature: float = 1.0,
     entropy: bool = False,
-    stats: bool = False,
+    stats: bool | tuple[str, ...] = False,
     use_fused_kernels: bool = True,
 ) -> None:
     """Patch `model.forward` so that `model(input_ids, ..., logprob_labels=labels)` returns a `TokenLogprobOutput`.
@@ -90,7 +91,8 @@ def add_fused_logprob_head(
         model: a transformers causal LM (before PEFT wrapping or after; patch the underlying model).
         temperature: the logits are divided by it (GRPO's sampling temperature).
         entropy: also return the per-token entropy (differentiable).
-        stats: also return mean_logit, is_argmax and log_sum_sq_probs (logits/*, token accuracy, WPO weights).
+        stats: also return per-token statistics: True for mean_logit, is_argmax and log_sum_sq_probs (logits/*,
+            token accuracy, WPO weights), or the names of those wanted (each costs a little in the kernel).
 
     Example:
         >>> add_fused_logprob_head(model, entropy=True)
@@ -190,8 +192,9 @@ def _fused_outputs(hidden, head, labels, temperature, entropy, stats) -> TokenLo
     out = TokenLogprobOutput(
         logprobs=_scatter(mask, logprobs), entropy=_scatter(mask, ent) if ent is not None else None, label_mask=mask
     )
-    for name, values in zip(("mean_logit", "is_argmax", "log_sum_sq_probs"), extra):
-        setattr(out, name, _scatter(mask, values))
+    for name, values in zip(STATS, extra):
+        if values is not None:
+            setattr(out, name, _scatter(mask, values))
     return out
 
 
@@ -200,10 +203,13 @@ def _plain_outputs(logits, labels, temperature, entropy, stats) -> TokenLogprobO
     result = selective_log_softmax(logits, labels, temperature=temperature, return_entropy=entropy, impl="torch")
     logprobs, ent = result if entropy else (result, None)
     out = TokenLogprobOutput(logprobs=logprobs, entropy=ent, label_mask=mask)
-    if stats:
-        with torch.no_grad():
-            z = logits.float() / temperature
+    wanted = requested_stats(stats)
+    with torch.no_grad():
+        z = logits.float() / temperature
+        if "mean_logit" in wanted:
             out.mean_logit = torch.where(mask, z.mean(-1), 0.0)
+        if "is_argmax" in wanted:
             out.is_argmax = (logits.argmax(-1) == labels) & mask
+        if "log_sum_sq_probs" in wanted:
             out.log_sum_sq_probs = torch.where(mask, torch.logsumexp(2.0 * z, -1) - 2.0 * torch.logsumexp(z, -1), 0.0)
     return out

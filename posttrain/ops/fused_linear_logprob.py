@@ -130,7 +130,7 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index):
     check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index)
 
 
-def _requested_stats(return_stats) -> tuple[str, ...]:
+def requested_stats(return_stats) -> tuple[str, ...]:
     if return_stats is True:
         return STATS
     if not return_stats:
@@ -180,7 +180,7 @@ def fused_linear_logprob(
         >>> fused_linear_logprob(hidden, lm_head.weight, labels, return_stats=("is_argmax",)).is_argmax  # accuracy
     """
     _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
-    stats = _requested_stats(return_stats)
+    stats = requested_stats(return_stats)
     lead_shape = hidden.shape[:-1]
     hidden_2d, targets_2d = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     impl = "torch" if hidden.dtype == torch.float64 and impl == "auto" else impl

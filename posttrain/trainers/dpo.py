@@ -229,7 +229,9 @@ class DPOTrainer(PosttrainTrainer):
         return reference
 
     def _patch_models(self, args: DPOConfig) -> None:
-        add_fused_logprob_head(self._policy_lm(), entropy=True, stats=True, use_fused_kernels=args.use_fused_kernels)
+        # logits/* need the mean logit, mean_token_accuracy the argmax, WPO's weights log sum_v p_v^2
+        stats = ("mean_logit", "is_argmax", *(("log_sum_sq_probs",) if args.use_weighting else ()))
+        add_fused_logprob_head(self._policy_lm(), entropy=True, stats=stats, use_fused_kernels=args.use_fused_kernels)
         if self.ref_model is not None:
             add_fused_logprob_head(self.ref_model, use_fused_kernels=args.use_fused_kernels)
 
@@ -335,6 +337,7 @@ class DPOTrainer(PosttrainTrainer):
         tokens = {
             name: _per_sequence(getattr(outputs, name), inputs)
             for name in ("logprobs", "label_mask", "entropy", "mean_logit", "is_argmax", "log_sum_sq_probs")
+            if getattr(outputs, name) is not None
         }
         mask = tokens["label_mask"]
         chosen_logps, rejected_logps = _sequence_logps(tokens["logprobs"], mask, self.ld_alpha).chunk(2)

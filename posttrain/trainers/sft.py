@@ -151,7 +151,7 @@ class SFTTrainer(PosttrainTrainer):
         self._check_parallelism(args)
         keep_liger_off_the_head(args)
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        add_fused_logprob_head(base, entropy=True, stats=True, use_fused_kernels=args.use_fused_kernels)
+        add_fused_logprob_head(base, entropy=True, stats=("is_argmax",), use_fused_kernels=args.use_fused_kernels)
         eval_packing = args.packing if args.eval_packing is None else args.eval_packing
         if self.padding_free or (eval_packing and args.packing_strategy in _PACKED_STRATEGIES):
             use_padding_free_attention(base)
