@@ -22,6 +22,10 @@ if not _has_cuda():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
+    # xdist runs one worker per core: intra-op threads would only oversubscribe them (tiny matrices, OpenMP spinning)
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

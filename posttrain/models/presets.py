@@ -74,3 +74,25 @@ def tiny_causal_lm(seed: int = 0, **config_overrides) -> tuple[Qwen2ForCausalLM,
     model.generation_config.pad_token_id = 256
     model.generation_config.eos_token_id = 258
     return model, byte_level_tokenizer()
+
+
+# Sized for the quickstart's two-digit addition: wide enough to learn carrying within a few minutes on a CPU core
+QUICKSTART_CONFIG = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
+
+
+def quickstart_causal_lm(seed: int = 0, **config_overrides) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """The quickstart's model, freshly initialized (float32, ~0.56M parameters: hidden 128, 2 layers, 4 heads), and
+    the byte-level tokenizer: the CLI's default model when no --model_name_or_path is given. Deterministic in `seed`.
+
+    Example:
+        >>> model, tokenizer = quickstart_causal_lm(seed=0)
+        >>> model.config.hidden_size, model.config.num_hidden_layers
+        (128, 2)
+    """
+    return tiny_causal_lm(seed, **{**QUICKSTART_CONFIG, **config_overrides})
