@@ -54,7 +54,7 @@ def test_yaml_sets_values_and_flags_override_them(tmp_path, monkeypatch):
         "reward_funcs: accuracy_reward\nreward_weights: [1, 0.5]\n"
         "lr_scheduler_type: cosine\ndataset_name: data.jsonl\ndtype: bfloat16\n"
     )
-    script, args, model = cli.parse_training_args(
+    script, args, model, *_ = cli.parse_training_args(
         "grpo", ["--config", str(config), "--max_steps", "5", "--use_fused_kernels", "true", "--output_dir", "o"]
     )
     assert (args.learning_rate, args.max_steps, args.bf16, args.use_fused_kernels) == (1e-5, 5, False, True)
@@ -117,7 +117,7 @@ def test_lora_flags_are_offered_with_peft():
 @pytest.mark.parametrize("command", ["sft", "dpo", "grpo"])
 def test_examples_are_valid_configs(command):
     # bf16 (TRL's default, meant for the GPU) is refused by transformers on a CPU-only machine
-    script, args, model = cli.parse_training_args(command, ["--config", str(ROOT / "examples" / f"{command}.yaml"),
+    script, args, model, *_ = cli.parse_training_args(command, ["--config", str(ROOT / "examples" / f"{command}.yaml"),
                                                             "--bf16", str(torch.cuda.is_available())])  # fmt: skip
     assert model.model_name_or_path.startswith("Qwen/") and script.dataset_name.startswith("trl-lib/")
     assert args.output_dir and args.learning_rate < 1e-4
@@ -254,7 +254,7 @@ def test_options_without_effect_warn(tmp_path):
         cli.load_training_dataset("sft", cli.ScriptArguments(dataset_name=str(path), dataset_config="en"))
     with pytest.warns(UserWarning, match="lora_r, use_dora: ignored, LoRA flags take effect with --use_peft"):
         assert cli.LoraArguments(lora_r=8, use_dora=True).peft_config() is None
-    _, config, model_args = cli.parse_training_args(
+    _, config, model_args, *_ = cli.parse_training_args(
         "sft", ["--output_dir", str(tmp_path), "--bf16", "false", "--model_revision", "v2", "--dtype", "float16"]
     )
     with pytest.warns(UserWarning, match="model_revision: ignored, the built-in model is built in code"):
@@ -322,6 +322,15 @@ def test_yaml_and_local_file_and_eval_split(capsys, tmp_path):
     assert code == 0, err[-3000:]
     assert "'eval_loss'" in out  # the test split was evaluated
     assert _weights_changed(tmp_path / "out")
+
+
+def test_lora_flags_train_an_adapter(capsys, tmp_path):
+    pytest.importorskip("peft")
+    lora = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj"]
+    code, out, err = _run(capsys, "sft", *QUICK, *lora, "--output_dir", str(tmp_path))
+    assert code == 0, err[-3000:]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
 
 
 def test_runs_under_accelerate_launch(tmp_path):

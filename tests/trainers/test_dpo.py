@@ -116,6 +116,21 @@ def _assert_same_logs(ours: list[dict], theirs: list[dict]) -> None:
         assert not bad, f"step {step}, (posttrain, TRL): {bad}"
 
 
+def test_lora_adapter_with_disabled_adapter_reference_matches_trl(tiny_model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    runs = []
+    for module in (trl, posttrain):
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        args = module.DPOConfig(output_dir=str(tmp_path / module.__name__), **BASE_CONFIG)
+        trainer = module.DPOTrainer(tiny_model_dir, args=args, train_dataset=DATASETS["standard"](), peft_config=lora)
+        trainer.train()
+        runs.append((trainer, [entry for entry in trainer.state.log_history if "loss" in entry]))
+    (_, theirs), (trainer, ours) = runs
+    _assert_same_logs(ours, theirs)
+    assert trainer.ref_model is None  # the reference is the model with its adapter disabled
+    assert ours[-1]["rewards/margins"] != 0.0
+
+
 def _case(case_id, data="standard", fused=True, slow=False, **config):
     marks = [pytest.mark.slow] if slow else []
     return pytest.param(data, fused, config, id=case_id, marks=marks)
@@ -323,8 +338,9 @@ def test_same_object_as_reference_is_refused(tmp_path):
         DPOTrainer(model, ref_model=model, args=args, train_dataset=DATASETS["standard"](), processing_class=tokenizer)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("peft") is not None, reason="peft is installed")
-def test_peft_config_without_peft_is_a_clear_error(tiny_model_dir, tmp_path):
+def test_peft_config_without_peft_is_a_clear_error(tiny_model_dir, tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
     args = DPOConfig(output_dir=str(tmp_path), **BASE_CONFIG)
     with pytest.raises(ImportError, match="peft is not installed"):
         DPOTrainer(tiny_model_dir, args=args, train_dataset=DATASETS["standard"](), peft_config=object())

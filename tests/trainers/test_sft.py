@@ -4,6 +4,7 @@ Every run: tiny Qwen2 (tests/conftest.py), fp32 on the CPU, 3 steps of 2 short e
 """
 
 import functools
+import importlib.util
 import math
 import warnings
 
@@ -375,7 +376,6 @@ BAD_INPUTS = {
         ValueError,
         "pad_token '<pad>' is not in the vocabulary",
     ),
-    "peft-not-installed": ({}, _text, {"peft_config": object()}, ImportError, "peft is not installed"),
     "router_aux_loss_coef-dense-model": (
         {"router_aux_loss_coef": 0.01},
         _text,
@@ -408,6 +408,28 @@ def test_bad_input_is_a_clear_error(case, tiny_model_dir, tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(error, match=message):
             SFTTrainer(tiny_model_dir, args=args, train_dataset=make_dataset(), **trainer_kwargs)
+
+
+def test_peft_config_without_peft_is_a_clear_error(tiny_model_dir, tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    with pytest.raises(ImportError, match="peft is not installed"):
+        SFTTrainer(tiny_model_dir, args=_config(posttrain, tmp_path), train_dataset=_text(), peft_config=object())
+
+
+def test_lora_adapter_matches_trl(tiny_model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    runs = []
+    for lib in (trl, posttrain):
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        args = _config(lib, tmp_path / lib.__name__, gradient_checkpointing=True)
+        trainer = lib.SFTTrainer(model=tiny_model_dir, args=args, train_dataset=_text(), peft_config=lora)
+        trainer.train()
+        runs.append((trainer, [entry for entry in trainer.state.log_history if "loss" in entry]))
+    (_, expected), (trainer, actual) = runs
+    _assert_logs_close(actual, expected)
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
 
 
 def test_assistant_only_loss_needs_generation_markers(tiny_model_dir, tmp_path):
