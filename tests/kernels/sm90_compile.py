@@ -18,6 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import posttrain.kernels.fused_linear_logprob as flp
+import posttrain.kernels.selective_log_softmax as sls
 
 TARGET = GPUTarget("cuda", 90, 128)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
@@ -63,8 +64,10 @@ def compile_variant(jit_fn, pointers: dict, constexprs: dict, multiples_of_16: t
     kernel = triton.compile(ASTSource(fn=jit_fn, signature=signature, constexprs=values, attrs=attrs),
                             target=TARGET, options={"num_warps": warps, "num_stages": stages})  # fmt: skip
     ttgir = kernel.asm["ttgir"]
+    ptx = kernel.asm["ptx"]
     return {"shared": kernel.metadata.shared, "pipelined": "async_copy_global_to_local" in ttgir,
-            "wgmma": "warp_group_dot" in ttgir, **_registers(kernel.asm["ptx"])}  # fmt: skip
+            "wgmma": "warp_group_dot" in ttgir, "vector_loads": bool(re.search(r"ld\.global[.\w]*\.v4", ptx)),
+            **_registers(ptx)}  # fmt: skip
 
 
 def main():
@@ -82,6 +85,19 @@ def main():
         report = compile_variant(bwd, BWD_POINTERS, {**tile, **bwd_flags},
                                  ("K", "stride_hn", "stride_wv", "stride_dn", "v_start", "num_cols"), warps, stages)
         print(json.dumps({"kernel": "bwd", "tile": label, "flags": "both-grads", **report}), flush=True)
+    # selective_log_softmax: memory-bound, so what matters is 16-byte loads of the bf16 logits
+    rows = {"logits_ptr": "*bf16", "tgt_ptr": "*i64", "grad_logits_ptr": "*bf16",
+            **{n: "*fp32" for n in ("logprob_ptr", "entropy_ptr", "max_ptr", "log_sum_ptr", "ent_ptr",
+                                    "grad_logprob_ptr", "grad_entropy_ptr")}}  # fmt: skip
+    for name, jit_fn, consts in (
+        ("selective_fwd", sls._selective_log_softmax_fwd_kernel,
+         {"SCALED": False, "HAS_ENTROPY": True, "BLOCK_V": 4096}),
+        ("selective_bwd", sls._selective_log_softmax_bwd_kernel,
+         {"SCALED": False, "HAS_GRAD_LOGPROB": True, "HAS_GRAD_ENTROPY": True, "BLOCK_V": 2048}),
+    ):  # fmt: skip
+        pointers = {n: t for n, t in rows.items() if n in jit_fn.arg_names}
+        report = compile_variant(jit_fn, pointers, consts, ("V", "stride_row", "stride_grad_row"), 8, 3)
+        print(json.dumps({"kernel": name, "tile": "row", "flags": "entropy", **report}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The fused log-prob kernels compile for Hopper without a GPU: every autotune tile, pipelined, on wgmma, in shared
-memory, and (where Triton's ptxas can read its PTX) without register spills for the common flag sets."""
+"""The kernels compile for Hopper without a GPU: the fused log-prob kernels at every autotune tile, pipelined, on
+wgmma, in shared memory and (where Triton's ptxas can read its PTX) without spills for the common flag sets; the
+selective log-softmax kernels with 16-byte loads."""
 
 import json
 import os
@@ -26,10 +27,19 @@ def reports():
 def test_every_tile_compiles_pipelined_on_wgmma(reports):
     from posttrain.kernels.fused_linear_logprob import HOPPER_TILES
 
-    assert len(reports) == 3 * len(HOPPER_TILES)
-    for r in reports:
+    matmuls = [r for r in reports if r["kernel"] in ("fwd", "bwd")]
+    assert len(matmuls) == 3 * len(HOPPER_TILES)
+    for r in matmuls:
         assert r["wgmma"] and r["pipelined"], r
         assert r["shared"] <= HOPPER_SHARED_MEMORY, r
+
+
+def test_selective_log_softmax_reads_16_bytes_at_a_time(reports):
+    rows = [r for r in reports if r["kernel"].startswith("selective")]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["vector_loads"], r
+        assert r.get("spill_bytes", 0) == 0, r
 
 
 def test_no_spills_on_the_128_tiles(reports):
