@@ -81,3 +81,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def trainer_model_kwargs(args, quantization_config=None) -> dict:
+    """from_pretrained kwargs for a trainer's model given as a string: args.model_init_kwargs, plus the trainer's
+    quantization_config, args.trust_remote_code, and device_map=None under DDP / DeepSpeed (every process holds the
+    whole model; "auto" would spread one process's model over every GPU)."""
+    kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError("quantization_config is given both to the trainer and in args.model_init_kwargs")
+        kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return kwargs

@@ -28,7 +28,7 @@ from posttrain.data.dpo import (
 )
 from posttrain.models.attention import use_padding_free_attention
 from posttrain.models.lm_head import add_fused_logprob_head
-from posttrain.models.loading import apply_peft, create_model, disable_dropout
+from posttrain.models.loading import apply_peft, create_model, disable_dropout, trainer_model_kwargs
 from posttrain.ops.dpo_loss import dpo_loss
 
 from .base import PosttrainTrainer, check_peft_model, keep_liger_off_the_head, router_aux_loss_setup
@@ -209,12 +209,7 @@ class DPOTrainer(PosttrainTrainer):
         if is_peft_model(self.model) or (self.precompute_ref_logps and not self.is_fsdp_enabled):
             return None
         if isinstance(model_source, str):
-            kwargs = dict(args.model_init_kwargs or {})
-            if quantization_config is not None:
-                kwargs["quantization_config"] = quantization_config
-            if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-                kwargs["device_map"] = None
-            kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            kwargs = trainer_model_kwargs(args, quantization_config)
             kwargs.setdefault("dtype", self.model.dtype)
             kwargs.setdefault("attn_implementation", self.model.config._attn_implementation)
             reference = create_model(model_source, kwargs)
@@ -515,14 +510,7 @@ def _load_policy(model, args: DPOConfig, quantization_config):
                 "quantization_config only applies when model is given as an id or a path; this model is already built"
             )
         return model, None
-    kwargs = dict(args.model_init_kwargs or {})
-    if quantization_config is not None:
-        if "quantization_config" in kwargs:
-            raise ValueError("quantization_config is set both as a trainer argument and in args.model_init_kwargs")
-        kwargs["quantization_config"] = quantization_config
-    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-        kwargs["device_map"] = None  # device_map="auto" fails under distributed training
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    kwargs = trainer_model_kwargs(args, quantization_config)
     return create_model(model, kwargs), kwargs.get("revision")
 
 

@@ -26,7 +26,14 @@ from posttrain.configs.grpo import GRPOConfig
 from posttrain.data.common import is_conversational, pad
 from posttrain.data.grpo import RepeatSampler, check_prompt_dataset, shuffle_batch, split_batch, tokenize_prompts
 from posttrain.models.lm_head import add_fused_logprob_head
-from posttrain.models.loading import apply_peft, create_model, disable_dropout, load_processing_class, resolve_model
+from posttrain.models.loading import (
+    apply_peft,
+    create_model,
+    disable_dropout,
+    load_processing_class,
+    resolve_model,
+    trainer_model_kwargs,
+)
 from posttrain.ops.grpo_advantages import grpo_advantages
 from posttrain.ops.grpo_loss import grpo_loss
 from posttrain.rewards.registry import resolve_reward_func
@@ -254,21 +261,9 @@ class GRPOTrainer(PosttrainTrainer):
             raise TypeError(f"args must be a posttrain GRPOConfig, got {type(args).__module__}.{type(args).__name__}")
         return args
 
-    @staticmethod
-    def _model_init_kwargs(args, quantization_config=None) -> dict:
-        kwargs = dict(args.model_init_kwargs or {})
-        if quantization_config is not None:
-            if "quantization_config" in kwargs:
-                raise ValueError("quantization_config is given both to the trainer and in args.model_init_kwargs")
-            kwargs["quantization_config"] = quantization_config
-        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-            kwargs["device_map"] = None  # "auto" would spread one process's model over every GPU
-        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        return kwargs
-
     def _load_policy(self, model, args, quantization_config):
         if isinstance(model, str):
-            return resolve_model(model, self._model_init_kwargs(args, quantization_config))
+            return resolve_model(model, trainer_model_kwargs(args, quantization_config))
         if quantization_config is not None:
             raise ValueError("quantization_config only applies when model is a string (a hub id or a path)")
         return resolve_model(model, args.model_init_kwargs)
@@ -336,7 +331,7 @@ class GRPOTrainer(PosttrainTrainer):
         return funcs, [reward_func_name(f) for f in funcs]
 
     def _load_reward_model(self, path: str, args):
-        kwargs = {"device_map": None, **self._model_init_kwargs(args), "num_labels": 1}
+        kwargs = {"device_map": None, **trainer_model_kwargs(args), "num_labels": 1}
         try:
             return create_model(path, kwargs, architecture=AutoModelForSequenceClassification)
         except OSError as err:

@@ -13,7 +13,13 @@ from posttrain.data.packing import DataCollatorForLanguageModeling
 from posttrain.data.sft import check_assistant_only_loss, first_example, prepare_sft_dataset, set_chat_template
 from posttrain.models.attention import use_padding_free_attention
 from posttrain.models.lm_head import add_fused_logprob_head
-from posttrain.models.loading import apply_peft, create_model, load_processing_class, resolve_model
+from posttrain.models.loading import (
+    apply_peft,
+    create_model,
+    load_processing_class,
+    resolve_model,
+    trainer_model_kwargs,
+)
 
 from .base import PosttrainTrainer, check_peft_model, keep_liger_off_the_head, router_aux_loss_setup
 
@@ -347,15 +353,7 @@ def _load_model(model, args: SFTConfig, quantization_config) -> PreTrainedModel:
         if quantization_config is not None:
             warnings.warn("quantization_config is ignored: the model is already built", stacklevel=3)
         return resolve_model(model, args.model_init_kwargs)
-    kwargs = dict(args.model_init_kwargs or {})
-    if quantization_config is not None:
-        if "quantization_config" in kwargs:
-            raise ValueError("quantization_config is given both to the trainer and in args.model_init_kwargs")
-        kwargs["quantization_config"] = quantization_config
-    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-        kwargs["device_map"] = None  # data-parallel ranks each hold a whole model; "auto" would split it
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return create_model(model, kwargs)
+    return create_model(model, trainer_model_kwargs(args, quantization_config))
 
 
 def _default_tokenizer(model: PreTrainedModel, args: SFTConfig):
