@@ -96,3 +96,18 @@ def trainer_model_kwargs(args, quantization_config=None) -> dict:
         kwargs["device_map"] = None
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     return kwargs
+
+
+def require_text_tokenizer(processing_class, trainer_name: str):
+    """`processing_class` itself if it is a tokenizer; a multimodal processor or anything else is a clear error
+    (the trainers train text-only models)."""
+    from transformers import PreTrainedTokenizerBase, ProcessorMixin
+
+    if isinstance(processing_class, ProcessorMixin):
+        raise NotImplementedError(
+            f"processing_class is a {type(processing_class).__name__} (a multimodal processor): posttrain's "
+            f"{trainer_name} trains text-only models; pass the tokenizer"
+        )
+    if not isinstance(processing_class, PreTrainedTokenizerBase):
+        raise TypeError(f"processing_class must be a tokenizer, got {type(processing_class).__name__}")
+    return processing_class

@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
-from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback, set_seed
+from transformers import AutoProcessor, TrainerCallback, set_seed
 from transformers.utils import logging
 
 from posttrain.configs.dpo import DPOConfig
@@ -28,7 +28,13 @@ from posttrain.data.dpo import (
 )
 from posttrain.models.attention import use_padding_free_attention
 from posttrain.models.lm_head import add_fused_logprob_head
-from posttrain.models.loading import apply_peft, create_model, disable_dropout, trainer_model_kwargs
+from posttrain.models.loading import (
+    apply_peft,
+    create_model,
+    disable_dropout,
+    require_text_tokenizer,
+    trainer_model_kwargs,
+)
 from posttrain.ops.dpo_loss import dpo_loss
 
 from .base import PosttrainTrainer, check_peft_model, keep_liger_off_the_head, router_aux_loss_setup
@@ -522,13 +528,7 @@ def _resolve_tokenizer(processing_class, model, revision, args: DPOConfig):
         processing_class = AutoProcessor.from_pretrained(
             source, revision=revision, trust_remote_code=args.trust_remote_code
         )
-    if isinstance(processing_class, ProcessorMixin):
-        raise NotImplementedError(
-            f"processing_class is a {type(processing_class).__name__} (a multimodal processor): posttrain's "
-            "DPOTrainer supports text-only models with a tokenizer"
-        )
-    if not isinstance(processing_class, PreTrainedTokenizerBase):
-        raise TypeError(f"processing_class must be a tokenizer, got {type(processing_class).__name__}")
+    require_text_tokenizer(processing_class, "DPOTrainer")
     pad_token = args.pad_token or processing_class.pad_token or processing_class.eos_token
     if pad_token is None:
         raise ValueError("the tokenizer has neither a pad token nor an eos token: set tokenizer.pad_token")

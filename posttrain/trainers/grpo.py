@@ -16,8 +16,6 @@ from accelerate.utils import gather, gather_object, is_peft_model, set_seed
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    PreTrainedTokenizerBase,
-    ProcessorMixin,
     TrainerCallback,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -31,6 +29,7 @@ from posttrain.models.loading import (
     create_model,
     disable_dropout,
     load_processing_class,
+    require_text_tokenizer,
     resolve_model,
     trainer_model_kwargs,
 )
@@ -272,13 +271,7 @@ class GRPOTrainer(PosttrainTrainer):
         if processing_class is None:
             revision = (args.model_init_kwargs or {}).get("revision")
             processing_class = load_processing_class(model, revision=revision, trust_remote_code=args.trust_remote_code)
-        if isinstance(processing_class, ProcessorMixin):
-            raise NotImplementedError(
-                f"processing_class is a {type(processing_class).__name__} (a multimodal processor): posttrain's "
-                "GRPOTrainer trains text-only models; pass the tokenizer"
-            )
-        if not isinstance(processing_class, PreTrainedTokenizerBase):
-            raise TypeError(f"processing_class must be a tokenizer, got {type(processing_class).__name__}")
+        require_text_tokenizer(processing_class, "GRPOTrainer")
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         self._tokenizer = processing_class
