@@ -117,7 +117,6 @@ def _fused_linear_logprob_fwd_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
-    tgt_ptr,
     part_max_ptr,
     part_sum_ptr,
     part_ent_ptr,
@@ -384,9 +383,6 @@ def _grid_1d(n_programs):
     return lambda meta: (n_programs(meta),)
 
 
-STATS = ("mean_logit", "is_argmax", "log_sum_sq_probs")
-
-
 def fused_linear_logprob_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -400,7 +396,7 @@ def fused_linear_logprob_fwd(
 ) -> dict[str, torch.Tensor]:
     """Launch the forward. hidden [N, K], weight [V, K] (same dtype, stride 1 not required), targets [N] int64.
 
-    Returns float32 [N] tensors "logprob", "entropy" with with_entropy, and each of `stats` (a subset of STATS):
+    Returns float32 [N] tensors "logprob", "entropy" with with_entropy, and each of `stats` (a subset of these):
     "mean_logit", the bool "is_argmax", "log_sum_sq_probs" (log sum_v p_v^2); rows whose target is ignore_index get
     0 / False. Also "lse": [2, N], each row's logsumexp of the scaled logits as (max, log-sum), which the backward takes.
     """
@@ -420,7 +416,7 @@ def fused_linear_logprob_fwd(
     bias_or_any = bias if bias is not None else hidden
     scaling = {"HAS_BIAS": bias is not None, "SCALED": temperature != 1.0}
     _fused_linear_logprob_fwd_kernel[_grid_1d(lambda meta: triton.cdiv(N, meta["BLOCK_N"]) * num_splits)](
-        hidden, weight, bias_or_any, targets,
+        hidden, weight, bias_or_any,
         part_max, part_sum, part_ent, part_zsum, part_arg, part_sq,
         N, V, K, _n_bucket(N), num_splits, split_v,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),

@@ -23,7 +23,7 @@ import posttrain.kernels.selective_log_softmax as sls
 TARGET = GPUTarget("cuda", 90, 128)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 
-FWD_POINTERS = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "tgt_ptr": "*i64", "part_arg_ptr": "*i32",
+FWD_POINTERS = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "part_arg_ptr": "*i32",
                 **{n: "*fp32" for n in ("part_max_ptr", "part_sum_ptr", "part_ent_ptr", "part_zsum_ptr",
                                         "part_sq_ptr")}}  # fmt: skip
 BWD_POINTERS = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "dlogits_ptr": "*bf16", "tgt_ptr": "*i64",

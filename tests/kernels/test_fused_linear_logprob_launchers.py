@@ -4,8 +4,9 @@ import pytest
 import torch
 from testing_utils import lm_head_inputs
 
-from posttrain.kernels.fused_linear_logprob import STATS, fused_linear_logprob_bwd, fused_linear_logprob_fwd
+from posttrain.kernels.fused_linear_logprob import fused_linear_logprob_bwd, fused_linear_logprob_fwd
 from posttrain.ops import fused_linear_logprob
+from posttrain.ops.fused_linear_logprob import STATS
 
 
 def _forward(hidden, weight, bias, targets, split_v):
