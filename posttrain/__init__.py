@@ -5,6 +5,10 @@
 
 import importlib
 
+from posttrain._compat import unshadow_pypi_kernels
+
+unshadow_pypi_kernels()
+
 __version__ = "0.1.0"
 
 # Imported on first use: `import posttrain` (e.g. for its ops) does not pay for transformers' Trainer.
