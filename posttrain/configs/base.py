@@ -4,6 +4,11 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from posttrain._compat import sync_checkpointing_alias
+
+# Which end of an over-long sequence SFT and DPO keep ("keep_end" is deprecated in TRL 1.16)
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
 
 @dataclass
 class PosttrainConfig(TrainingArguments):
@@ -43,4 +48,5 @@ class PosttrainConfig(TrainingArguments):
 
     def __post_init__(self):
         self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        sync_checkpointing_alias(self)
         super().__post_init__()

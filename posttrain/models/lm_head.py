@@ -6,15 +6,15 @@ normal forward call: DDP's gradient hooks arm, FSDP2 unshards the head's paramet
 
 import functools
 import inspect
-import sys
 import types
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.utils import ModelOutput
 
+from posttrain._compat import module_load_balancing_loss
 from posttrain.ops import fused_linear_logprob, selective_log_softmax
 from posttrain.ops.fused_linear_logprob import STATS, requested_stats
 
@@ -39,12 +39,40 @@ class TokenLogprobOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
 
 
-def _logit_scale(config) -> float:
-    # Models whose forward multiplies the logits (Cohere's logit_scale, Granite's 1 / logits_scaling)
-    scale = getattr(config, "logit_scale", None)
-    if scale is None and getattr(config, "logits_scaling", None):
-        scale = 1.0 / config.logits_scaling
-    return 1.0 if scale is None else float(scale)
+# The architectures whose forward rescales the logits by a config value: (attribute, multiplies?). An architecture not
+# listed here that defines one of these attributes gets the full-logits path, with a warning.
+_LOGIT_SCALING = {
+    "cohere": ("logit_scale", True),
+    "cohere2": ("logit_scale", True),
+    "cohere2_moe": ("logit_scale", True),
+    "falcon_h1": ("lm_head_multiplier", True),
+    "granite": ("logits_scaling", False),
+    "granitemoe": ("logits_scaling", False),
+    "granitemoeshared": ("logits_scaling", False),
+    "granitemoehybrid": ("logits_scaling", False),
+    "granite_swa": ("logits_scaling", False),
+    "granitemoe_swa": ("logits_scaling", False),
+    "minicpm3": ("logits_scaling", False),
+    "hyperclovax": ("logits_scaling", True),
+}
+_SCALING_ATTRIBUTES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+def logit_scale(config) -> float | None:
+    """The factor the model's forward multiplies its logits by (1.0 for most), or None when its config carries a
+    scaling attribute whose convention posttrain does not know (the caller then falls back to the model's own logits).
+
+    Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier, HyperCLOVA X by logits_scaling, while Granite
+    and MiniCPM3 divide by logits_scaling.
+    """
+    rule = _LOGIT_SCALING.get(config.model_type)
+    if rule is not None:
+        value = getattr(config, rule[0], None)
+        if value is None:
+            return 1.0
+        return float(value) if rule[1] else 1.0 / float(value)
+    unknown = [name for name in _SCALING_ATTRIBUTES if getattr(config, name, None) not in (None, 1, 1.0)]
+    return None if unknown else 1.0
 
 
 def _check_not_zero3():
@@ -67,6 +95,43 @@ def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
+@dataclass(eq=False)
+class FusedHead:
+    """The fused log-prob head installed on one model by `add_fused_logprob_head`; `remove()` takes it off.
+
+    It lives on the model (as `model._posttrain_fused_head`), so a deep copy of a patched model carries its own.
+    """
+
+    model: torch.nn.Module = field(repr=False)
+    temperature: float
+    entropy: bool
+    stats: bool | tuple[str, ...]
+    fused: bool
+    previous_forward: Callable | None  # an instance-level forward that was there before the patch
+
+    def remove(self) -> None:
+        """Restore the model's own forward. Wrappers that were put around the patched forward afterwards (accelerate's
+        mixed-precision wrapper keeps it in `_original_forward`) go with it; accelerate adds them again when the model
+        is prepared next."""
+        model = self.model
+        if getattr(model, FUSED_HEAD_ATTRIBUTE, None) is not self:
+            raise RuntimeError(f"this fused head is not installed on {type(model).__name__} any more")
+        model.__dict__.pop("_original_forward", None)
+        if self.previous_forward is not None:
+            model.forward = self.previous_forward
+        else:
+            model.__dict__.pop("forward", None)
+        delattr(model, FUSED_HEAD_ATTRIBUTE)
+
+
+FUSED_HEAD_ATTRIBUTE = "_posttrain_fused_head"
+
+
+def fused_head_of(model: torch.nn.Module) -> FusedHead | None:
+    """The FusedHead installed on `model`, or None."""
+    return getattr(model, FUSED_HEAD_ATTRIBUTE, None)
+
+
 def add_fused_logprob_head(
     model: torch.nn.Module,
     *,
@@ -74,13 +139,15 @@ def add_fused_logprob_head(
     entropy: bool = False,
     stats: bool | tuple[str, ...] = False,
     use_fused_kernels: bool = True,
-) -> None:
+    replace: bool = False,
+) -> FusedHead:
     """Patch `model.forward` so that `model(input_ids, ..., logprob_labels=labels)` returns a `TokenLogprobOutput`.
 
     With use_fused_kernels, only the positions with a label != -100 go through `fused_linear_logprob` on the last
-    hidden state and the LM head: no [B, T, V] logits. Without it (or for models that soft-cap their logits), the
-    original forward's logits go through the torch log-softmax: the same numbers, the plain way. Calls without
-    `logprob_labels` (e.g. generate) run the original forward.
+    hidden state and the LM head: no [B, T, V] logits. Without it (or for models that soft-cap their logits, rescale
+    them in a way posttrain does not know, or whose LM head is not a plain linear layer), the original forward's logits
+    go through the torch log-softmax: the same numbers, the plain way. Calls without `logprob_labels` (e.g. generate)
+    run the original forward.
 
     Mixture-of-Experts models (a text config with `output_router_logits`): when router logits are requested (the
     call's `output_router_logits`, else the config's), `aux_loss` is the load-balancing loss the model's own forward
@@ -93,53 +160,85 @@ def add_fused_logprob_head(
         entropy: also return the per-token entropy (differentiable).
         stats: also return per-token statistics: True for mean_logit, is_argmax and log_sum_sq_probs (logits/*,
             token accuracy, WPO weights), or the names of those wanted (each costs a little in the kernel).
+        replace: a model that already has a fused head gets this one instead (a trainer taking over a model that
+            another trainer patched); otherwise that is an error.
+
+    Returns:
+        the FusedHead; its `remove()` restores the model's own forward.
 
     Example:
-        >>> add_fused_logprob_head(model, entropy=True)
+        >>> head = add_fused_logprob_head(model, entropy=True)
         >>> out = model(input_ids=ids, attention_mask=mask, logprob_labels=labels, output_router_logits=True)
         >>> loss = -out.logprobs.sum() / out.label_mask.sum() + 0.001 * out.aux_loss  # aux_loss: MoE models only
+        >>> head.remove()
     """
-    original_forward = model.forward
-    signature = inspect.signature(type(model).forward)
+    installed = fused_head_of(model)
+    if installed is not None:
+        if not replace:
+            raise ValueError(
+                f"{type(model).__name__} already has a fused log-prob head: call .remove() on the FusedHead that "
+                "add_fused_logprob_head returned (or pass replace=True) before adding another"
+            )
+        installed.remove()
     config = model.config.get_text_config()
     is_moe = hasattr(config, "output_router_logits")
     load_balancing_loss = _load_balancing_loss(model, config) if is_moe else None
-    reason = _needs_full_logits(model, config, is_moe and load_balancing_loss is None)
+    scale = logit_scale(config)
+    reason = _needs_full_logits(model, config, is_moe and load_balancing_loss is None, scale is None)
     fused = use_fused_kernels and reason is None
     if use_fused_kernels and reason is not None:
         warnings.warn(f"{reason}, so this model's log-probs come from its full logits (more memory)", stacklevel=2)
-    effective_temperature = temperature / _logit_scale(config)
+    head = FusedHead(model, temperature, entropy, stats, fused, model.__dict__.get("forward"))
+    forward = _patched_forward(type(model), config, is_moe, load_balancing_loss, temperature / (scale or 1.0))
+    setattr(model, FUSED_HEAD_ATTRIBUTE, head)
+    model.forward = types.MethodType(forward, model)
+    return head
 
-    @functools.wraps(type(model).forward)  # generate validates its kwargs against the original signature
+
+def _patched_forward(model_class, config, is_moe, load_balancing_loss, effective_temperature):
+    signature = inspect.signature(model_class.forward)
+
+    @functools.wraps(model_class.forward)  # generate validates its kwargs against the original signature
     def forward(self, *args, logprob_labels=None, **kwargs):
+        # read from the model, not closed over: a deep copy of the model runs on its own modules
+        head = fused_head_of(self)
+        original = head.previous_forward or functools.partial(model_class.forward, self)
         if logprob_labels is None:
-            return original_forward(*args, **kwargs)
+            return original(*args, **kwargs)
         kwargs["use_cache"] = False
         if getattr(config, "output_router_logits", False):  # read per call: trainers set it after patching
             kwargs.setdefault("output_router_logits", True)
         labels = logprob_labels[:, 1:]
-        if not fused:
-            full = original_forward(*args, **kwargs)
-            out = _plain_outputs(full.logits[:, :-1], labels, temperature, entropy, stats)
+        if not head.fused:
+            full = original(*args, **kwargs)
+            out = _plain_outputs(full.logits[:, :-1], labels, head.temperature, head.entropy, head.stats)
             out.aux_loss = getattr(full, "aux_loss", None)
             return out
         _check_not_zero3()
         backbone = self.base_model(*args, **kwargs)
-        head = self.get_output_embeddings()
-        out = _fused_outputs(backbone.last_hidden_state[:, :-1], head, labels, effective_temperature, entropy, stats)
+        hidden = backbone.last_hidden_state[:, :-1]
+        out = _fused_outputs(
+            hidden, self.get_output_embeddings(), labels, effective_temperature, head.entropy, head.stats
+        )
         if is_moe and kwargs.get("output_router_logits"):
             attention_mask = signature.bind(self, *args, **kwargs).arguments.get("attention_mask")
             out.aux_loss = load_balancing_loss(backbone.router_logits, attention_mask)
         return out
 
-    model.forward = types.MethodType(forward, model)
+    return forward
 
 
-def _needs_full_logits(model, config, unknown_load_balancing: bool) -> str | None:
+def _needs_full_logits(model, config, unknown_load_balancing: bool, unknown_scaling: bool) -> str | None:
     """Why the fused path cannot reproduce this model's forward, or None."""
     softcap = getattr(config, "final_logit_softcapping", None)
     if softcap is not None:
         return f"final_logit_softcapping={softcap}: the fused log-prob kernel does not soft-cap"
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+        return f"{type(model).__name__}'s LM head ({type(head).__name__}) is not a plain linear layer"
+    if unknown_scaling:
+        attributes = [name for name in _SCALING_ATTRIBUTES if getattr(config, name, None) is not None]
+        return f"{type(model).__name__} rescales its logits ({', '.join(attributes)}) by a convention posttrain does not know"
     if unknown_load_balancing:
         return (
             f"{type(model).__name__}'s MoE load-balancing loss takes other arguments than (num_experts, top_k, "
@@ -151,7 +250,7 @@ def _needs_full_logits(model, config, unknown_load_balancing: bool) -> str | Non
 def _load_balancing_loss(model, config) -> Callable | None:
     """`(router_logits, attention_mask) -> aux_loss` as the MoE model's own forward computes it, or None when its
     loss function takes other arguments than Mixtral's or its expert counts are not found on the model or config."""
-    func = _module_load_balancing_loss(model)
+    func = module_load_balancing_loss(model)
     # The causal LMs pass their own attributes (set from the config at init); VLM wrappers read the text config
     num_experts = _first_attribute((model, config), ("num_experts", "num_local_experts"))
     top_k = _first_attribute((model, config), ("num_experts_per_tok",))
@@ -160,17 +259,6 @@ def _load_balancing_loss(model, config) -> Callable | None:
     if list(inspect.signature(func).parameters)[1:] != ["num_experts", "top_k", "attention_mask"]:
         return None
     return lambda router_logits, attention_mask: func(router_logits, num_experts, top_k, attention_mask)
-
-
-def _module_load_balancing_loss(model) -> Callable:
-    for cls in type(model).__mro__:
-        func = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
-        if func is not None:
-            return func
-    # Mixtral's is the one the MoE families without their own copy share
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-    return load_balancing_loss_func
 
 
 def _first_attribute(objects, names):

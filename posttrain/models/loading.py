@@ -5,7 +5,7 @@ import warnings
 
 import torch
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -52,28 +52,30 @@ def resolve_model(model, model_init_kwargs: dict | None, field_name: str = "mode
 
 
 def load_processing_class(model: PreTrainedModel | str, **from_pretrained_kwargs):
-    """The tokenizer saved with `model` (its name_or_path), with a pad token (the eos token when it has none).
+    """The processing class saved with `model` (its name_or_path), loaded with AutoProcessor as TRL's trainers do: a
+    tokenizer for a text model. from_pretrained_kwargs (e.g. revision, trust_remote_code, padding_side) go to
+    AutoProcessor.from_pretrained."""
+    from transformers import AutoProcessor
 
-    from_pretrained_kwargs (e.g. revision, trust_remote_code) go to AutoTokenizer.from_pretrained.
-    """
     source = model if isinstance(model, str) else model.config._name_or_path
     if not source:
-        raise ValueError("processing_class was not given and the model has no name_or_path to load a tokenizer from")
-    tokenizer = AutoTokenizer.from_pretrained(source, **from_pretrained_kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        raise ValueError("processing_class was not given and the model has no name_or_path to load one from")
+    return AutoProcessor.from_pretrained(source, **from_pretrained_kwargs)
 
 
-def apply_peft(model: PreTrainedModel, peft_config):
-    """Wrap `model` with the adapter described by `peft_config` (peft must be installed: the `peft` extra)."""
+def apply_peft(model: PreTrainedModel, peft_config, keep_adapter_dtype: bool = False):
+    """Wrap `model` with the adapter described by `peft_config` (a peft.PeftConfig; peft must be installed: the `peft`
+    extra). keep_adapter_dtype: create the adapter in the model's dtype instead of PEFT's float32 (ZeRO-3 gathers
+    parameters into buffers of one dtype)."""
     if peft_config is None:
         return model
     if importlib.util.find_spec("peft") is None:
         raise ImportError("peft_config was given but peft is not installed: pip install 'posttrain[peft]'")
-    from peft import get_peft_model
+    from peft import PeftConfig, get_peft_model
 
-    return get_peft_model(model, peft_config)
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a peft.PeftConfig (e.g. peft.LoraConfig), got {type(peft_config).__name__}")
+    return get_peft_model(model, peft_config, autocast_adapter_dtype=not keep_adapter_dtype)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -96,18 +98,3 @@ def trainer_model_kwargs(args, quantization_config=None) -> dict:
         kwargs["device_map"] = None
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     return kwargs
-
-
-def require_text_tokenizer(processing_class, trainer_name: str):
-    """`processing_class` itself if it is a tokenizer; a multimodal processor or anything else is a clear error
-    (the trainers train text-only models)."""
-    from transformers import PreTrainedTokenizerBase, ProcessorMixin
-
-    if isinstance(processing_class, ProcessorMixin):
-        raise NotImplementedError(
-            f"processing_class is a {type(processing_class).__name__} (a multimodal processor): posttrain's "
-            f"{trainer_name} trains text-only models; pass the tokenizer"
-        )
-    if not isinstance(processing_class, PreTrainedTokenizerBase):
-        raise TypeError(f"processing_class must be a tokenizer, got {type(processing_class).__name__}")
-    return processing_class

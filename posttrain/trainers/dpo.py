@@ -7,17 +7,16 @@ per-token values ([2B, T'], one row per sequence), whichever the layout.
 """
 
 import contextlib
-import copy
-import importlib.util
 import warnings
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
-from transformers import AutoProcessor, TrainerCallback, set_seed
+from transformers import TrainerCallback, set_seed
 from transformers.utils import logging
 
+from posttrain._compat import checkpointing_disabled
 from posttrain.configs.dpo import DPOConfig
 from posttrain.data.dpo import (
     REF_COLUMNS,
@@ -27,42 +26,14 @@ from posttrain.data.dpo import (
     prepare_preference_dataset,
 )
 from posttrain.models.attention import use_padding_free_attention
-from posttrain.models.lm_head import add_fused_logprob_head
-from posttrain.models.loading import (
-    apply_peft,
-    create_model,
-    disable_dropout,
-    require_text_tokenizer,
-    trainer_model_kwargs,
-)
 from posttrain.ops.dpo_loss import dpo_loss
 
-from .base import PosttrainTrainer, check_peft_model, keep_liger_off_the_head, router_aux_loss_setup
+from .base import PosttrainTrainer, check_train_dataset, router_aux_loss_setup
 
 logger = logging.get_logger(__name__)
 
 # Batch keys that are not model inputs
 NON_MODEL_KEYS = {"completion_mask", "sequence_lengths", *REF_COLUMNS}
-
-
-class SyncRefModelCallback(TrainerCallback):
-    """TR-DPO: every `ref_model_sync_steps` optimizer steps, ref <- alpha * policy + (1 - alpha) * ref, with alpha
-    `ref_model_mixup_alpha` (parameters paired in order: the two models must share their architecture)."""
-
-    def __init__(self, ref_model: torch.nn.Module, accelerator):
-        self.ref_model = ref_model
-        self.accelerator = accelerator
-
-    @staticmethod
-    @torch.no_grad()
-    def mix(policy: torch.nn.Module, ref_model: torch.nn.Module, alpha: float) -> None:
-        """ref_model's parameters <- alpha * policy's + (1 - alpha) * ref_model's, in place."""
-        for ref_param, param in zip(ref_model.parameters(), policy.parameters(), strict=True):
-            ref_param.mul_(1.0 - alpha).add_(param.to(ref_param.dtype), alpha=alpha)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % args.ref_model_sync_steps == 0:
-            self.mix(self.accelerator.unwrap_model(model), self.ref_model, args.ref_model_mixup_alpha)
 
 
 class DPOTrainer(PosttrainTrainer):
@@ -100,6 +71,8 @@ class DPOTrainer(PosttrainTrainer):
         >>> trainer.train()
     """
 
+    config_class = DPOConfig
+    trainer_suffix = "DPO"
     loss_is_scaled_for_ga = False
 
     def __init__(
@@ -117,27 +90,20 @@ class DPOTrainer(PosttrainTrainer):
         quantization_config=None,
         peft_config=None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
-            args = DPOConfig(f"{name.rstrip('/').split('/')[-1]}-DPO")
-        elif not isinstance(args, DPOConfig):
-            raise TypeError(f"args must be a posttrain DPOConfig, got {type(args).__name__}")
-        _check_train_dataset(train_dataset, args)
-
-        # Seeded before the model exists: a PEFT adapter's initialization draws random numbers
-        set_seed(args.seed)
+        args = self.resolve_args(model, args)
+        check_train_dataset(train_dataset, args)
+        set_seed(args.seed)  # before the model: PEFT initializes adapters randomly
         model_source = model
-        model, revision = _load_policy(model, args, quantization_config)
+        model = self.load_model(model, args, quantization_config)
         if ref_model is model:
             raise ValueError(
                 "model and ref_model are the same object; leave ref_model=None to train against a copy of the model"
             )
-        processing_class = _resolve_tokenizer(processing_class, model, revision, args)
-        # The model must agree with the tokenizer on the pad token
-        model.config.get_text_config().pad_token_id = processing_class.pad_token_id
-        model.generation_config.pad_token_id = processing_class.pad_token_id
+        processing_class = self.load_processing_class(model, processing_class, args)
         _check_text_only(train_dataset)
-        model = _wrap_peft(model, peft_config, ref_model, args)
+        if peft_config is None and is_peft_model(model) and ref_model is None:
+            _add_reference_adapter(model)
+        model = self.wrap_peft(model, peft_config, args)
         self.padding_free = args.padding_free
         if self.padding_free:
             use_padding_free_attention(_unwrap_peft(model))
@@ -159,29 +125,16 @@ class DPOTrainer(PosttrainTrainer):
             eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
             callbacks=callbacks, optimizers=optimizers,
         )  # fmt: skip
-        if args.n_gpu > 1:
-            raise ValueError(
-                "DPOTrainer does not support nn.DataParallel (several GPUs visible to one process): launch with "
-                "`accelerate launch` or `torchrun`, or make one GPU visible with CUDA_VISIBLE_DEVICES"
-            )
+        # logits/* need the mean logit, mean_token_accuracy the argmax, WPO's weights log sum_v p_v^2
+        stats = ("mean_logit", "is_argmax", *(("log_sum_sq_probs",) if args.use_weighting else ()))
+        self.finish_setup(args, entropy=True, stats=stats)
         self._offload_context = _activation_offloading(args)
         self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_setup(model, args.router_aux_loss_coef)
-
-        self.ref_model = self._build_ref_model(ref_model, model_source, args, quantization_config)
-        if args.disable_dropout:
-            disable_dropout(model)
-            if self.ref_model is not None:
-                disable_dropout(self.ref_model)
-        keep_liger_off_the_head(args)
-        self._patch_models(args)
         self._total_train_tokens = 0
         parallelism = self.accelerator.parallelism_config
         # Tensor-parallel ranks see the same batch: a token count gathered over all ranks repeats each tp_size times
         self._tp_size = parallelism.tp_size if parallelism is not None else 1
-        if self.ref_model is not None:
-            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
-        if args.sync_ref_model:
-            self._add_sync_callback()
+        self.ref_model = self._build_ref_model(ref_model, model_source, args, quantization_config)
         if self.precompute_ref_logps:
             self._precompute_all()
             if ref_model is None:
@@ -208,44 +161,21 @@ class DPOTrainer(PosttrainTrainer):
         return self._prepare_dataset(eval_dataset, processing_class, args, "eval")
 
     def _build_ref_model(self, ref_model, model_source, args: DPOConfig, quantization_config):
-        if ref_model is not None:
-            if self.padding_free:
-                use_padding_free_attention(ref_model)
-            return ref_model
-        if is_peft_model(self.model) or (self.precompute_ref_logps and not self.is_fsdp_enabled):
-            return None
-        if isinstance(model_source, str):
-            kwargs = trainer_model_kwargs(args, quantization_config)
-            kwargs.setdefault("dtype", self.model.dtype)
-            kwargs.setdefault("attn_implementation", self.model.config._attn_implementation)
-            reference = create_model(model_source, kwargs)
-        else:
-            reference = copy.deepcopy(_unwrap_peft(self.model))
-            # A deep copy of a patched model would keep a forward bound to the original's
-            reference.__dict__.pop("forward", None)
-            reference.eval()
-        reference.requires_grad_(False)
+        """The given reference, or a frozen copy of the initial policy; None when the reference log-probs come from
+        the policy itself (its adapter disabled, for PEFT) or are precomputed (except under FSDP, which needs a
+        separate model for the precomputation)."""
+        if ref_model is None:
+            if is_peft_model(self.model) or (self.precompute_ref_logps and not self.is_fsdp_enabled):
+                if args.sync_ref_model and is_peft_model(self.model):
+                    raise NotImplementedError(
+                        "sync_ref_model=True with a PEFT model is not supported: the reference is the model with its "
+                        "adapter disabled, so there is no separate reference model to mix into"
+                    )
+                return None
+            ref_model = self.create_reference_model(model_source, args, quantization_config)
         if self.padding_free:
-            use_padding_free_attention(reference)
-        return reference
-
-    def _patch_models(self, args: DPOConfig) -> None:
-        # logits/* need the mean logit, mean_token_accuracy the argmax, WPO's weights log sum_v p_v^2
-        stats = ("mean_logit", "is_argmax", *(("log_sum_sq_probs",) if args.use_weighting else ()))
-        add_fused_logprob_head(self._policy_lm(), entropy=True, stats=stats, use_fused_kernels=args.use_fused_kernels)
-        if self.ref_model is not None:
-            add_fused_logprob_head(self.ref_model, use_fused_kernels=args.use_fused_kernels)
-
-    def _add_sync_callback(self) -> None:
-        if is_peft_model(self.model):
-            raise NotImplementedError(
-                "sync_ref_model=True with a PEFT model is not supported: the reference is the model with its adapter "
-                "disabled, so there is no separate reference model to mix into"
-            )
-        plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is not None and plugin.zero_stage == 3:
-            raise NotImplementedError("sync_ref_model=True is not supported with DeepSpeed ZeRO-3 yet")
-        self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+            use_padding_free_attention(ref_model)
+        return self.prepare_reference_model(ref_model, args)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -317,7 +247,7 @@ class DPOTrainer(PosttrainTrainer):
         if model is not self.model and self.accelerator.unwrap_model(model) is not self.model:
             yield
             return
-        with _no_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with checkpointing_disabled(self.model, self.args.gradient_checkpointing_kwargs):
             if is_peft_model(self.model):
                 with _reference_adapter(self.accelerator.unwrap_model(self.model)):
                     yield
@@ -349,7 +279,7 @@ class DPOTrainer(PosttrainTrainer):
             ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(reference, inputs)
         pair_weights = _wpo_weights(tokens) if self.use_weighting else None
         logps = (chosen_logps, rejected_logps, ref_chosen_logps.to(chosen_logps), ref_rejected_logps.to(chosen_logps))
-        loss = self._preference_loss(logps, tokens, inputs, pair_weights)
+        loss = self._preference_loss(logps, tokens, inputs, pair_weights, self._sft_token_count(num_items_in_batch))
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
@@ -365,11 +295,25 @@ class DPOTrainer(PosttrainTrainer):
                 return loss, model(**model_kwargs)
         return loss
 
-    def _policy_lm(self):
-        """The policy's causal LM itself: without accelerate's wrappers or a PEFT wrapper (what carries the head)."""
-        return _unwrap_peft(self.accelerator.unwrap_model(self.model))
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """With an "sft" loss term: the chosen-completion tokens of the whole accumulated batch (of every process
+        when average_tokens_across_devices), so that the term is their mean, as it would be without accumulation."""
+        if "sft" not in self.loss_types or not batch_samples:
+            return None
+        count = sum(_chosen_label_count(batch) for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
 
-    def _preference_loss(self, logps, tokens, inputs, pair_weights) -> torch.Tensor:
+    def _sft_token_count(self, num_items_in_batch) -> torch.Tensor | None:
+        # The micro-batch's share of the accumulated count: Trainer divides this loss by the accumulation steps, and
+        # DDP averages the gradients of the processes the count spans
+        if num_items_in_batch is None:
+            return None
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return num_items_in_batch / (self.current_gradient_accumulation_steps * processes)
+
+    def _preference_loss(self, logps, tokens, inputs, pair_weights, sft_token_count=None) -> torch.Tensor:
         chosen_lengths, rejected_lengths = _completion_lengths(inputs).chunk(2)
         impl = "auto" if self.args.use_fused_kernels else "torch"
         options = dict(
@@ -380,10 +324,10 @@ class DPOTrainer(PosttrainTrainer):
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             if loss_type == "sft":
                 # The NLL of the chosen completions, unweighted by ld_alpha: summed raw log-probs over the token count
+                # (of the whole accumulated batch in training)
                 chosen_raw, chosen_mask = tokens["logprobs"].chunk(2)[0], tokens["label_mask"].chunk(2)[0]
-                per_pair = dpo_loss(
-                    chosen_raw.sum(1), *logps[1:], loss_type="sft", chosen_lengths=chosen_mask.sum(1), **options
-                )
+                count = chosen_mask.sum() if sft_token_count is None else sft_token_count
+                per_pair = (-chosen_raw.sum() / torch.as_tensor(count).clamp(min=1)).expand(chosen_raw.shape[0])
             else:
                 per_pair = dpo_loss(
                     *logps, loss_type=loss_type, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
@@ -478,19 +422,6 @@ class DPOTrainer(PosttrainTrainer):
 # Construction helpers
 
 
-def _check_train_dataset(train_dataset, args: DPOConfig) -> None:
-    if train_dataset is None:
-        raise ValueError("train_dataset is required")
-    if isinstance(train_dataset, IterableDataset):
-        if args.accelerator_config.dispatch_batches is True:
-            logger.warning("dispatch_batches=True is turned off: an IterableDataset is read by every process itself")
-        args.accelerator_config.dispatch_batches = False
-    elif not isinstance(train_dataset, Dataset):
-        raise TypeError(
-            f"train_dataset must be a datasets Dataset or IterableDataset, got {type(train_dataset).__name__}"
-        )
-
-
 def _check_text_only(train_dataset) -> None:
     first = next(iter(train_dataset), None) or {}
     if "image" in first or "images" in first:
@@ -500,74 +431,12 @@ def _check_text_only(train_dataset) -> None:
         )
 
 
-def _load_policy(model, args: DPOConfig, quantization_config):
-    """The policy model and the revision to load its tokenizer at."""
-    if not isinstance(model, str):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a model id, a local path or a PreTrainedModel, got {type(model).__name__}")
-        if args.model_init_kwargs is not None:
-            warnings.warn(
-                "model_init_kwargs is ignored: it only applies when model is given as an id or a path, and this model "
-                "is already built",
-                stacklevel=3,
-            )
-        if quantization_config is not None:
-            raise ValueError(
-                "quantization_config only applies when model is given as an id or a path; this model is already built"
-            )
-        return model, None
-    kwargs = trainer_model_kwargs(args, quantization_config)
-    return create_model(model, kwargs), kwargs.get("revision")
-
-
-def _resolve_tokenizer(processing_class, model, revision, args: DPOConfig):
-    if processing_class is None:
-        source = getattr(model.config, "_name_or_path", "")
-        if not source:
-            raise ValueError("processing_class was not given and the model has no name_or_path to load one from")
-        processing_class = AutoProcessor.from_pretrained(
-            source, revision=revision, trust_remote_code=args.trust_remote_code
-        )
-    require_text_tokenizer(processing_class, "DPOTrainer")
-    pad_token = args.pad_token or processing_class.pad_token or processing_class.eos_token
-    if pad_token is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token: set tokenizer.pad_token")
-    if pad_token not in processing_class.get_vocab():
-        raise ValueError(f"pad_token {pad_token!r} is not in the vocabulary of {type(processing_class).__name__}")
-    processing_class.pad_token = pad_token
-    return processing_class
-
-
 def _default_collator(args: DPOConfig, tokenizer):
     collator = DataCollatorForPackedPreference if args.padding_free else DataCollatorForPreference
     return collator(
         pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
         pad_to_multiple_of=args.pad_to_multiple_of,
     )  # fmt: skip
-
-
-def _wrap_peft(model, peft_config, ref_model, args: DPOConfig):
-    if peft_config is not None:
-        if importlib.util.find_spec("peft") is not None:
-            from peft import PeftConfig
-
-            if not isinstance(peft_config, PeftConfig):
-                raise TypeError(f"peft_config must be a peft.PeftConfig, got {type(peft_config).__name__}")
-            if is_peft_model(model):
-                raise ValueError(
-                    "model is already a PeftModel and a peft_config was given: merge and unload the existing "
-                    "adapter first, then pass the base model with the new peft_config"
-                )
-        model = apply_peft(model, peft_config)
-    elif is_peft_model(model) and ref_model is None:
-        _add_reference_adapter(model)
-    check_peft_model(model, args.gradient_checkpointing)
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        # QLoRA: the adapter trains in bf16 (the DoRA magnitude stays fp32: its updates can underflow in bf16)
-        for name, param in model.named_parameters():
-            if param.requires_grad and "lora_magnitude_vector" not in name:
-                param.data = param.data.to(torch.bfloat16)
-    return model
 
 
 def _add_reference_adapter(model) -> None:
@@ -588,18 +457,6 @@ def _activation_offloading(args: DPOConfig):
         return contextlib.nullcontext
     pin_memory = torch.cuda.is_available()
     return lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin_memory)
-
-
-@contextlib.contextmanager
-def _no_gradient_checkpointing(model, gradient_checkpointing_kwargs):
-    was_enabled = getattr(model, "is_gradient_checkpointing", False)
-    if was_enabled:
-        model.gradient_checkpointing_disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
 
 
 @contextlib.contextmanager
@@ -655,6 +512,12 @@ def _completion_lengths(inputs: dict) -> torch.Tensor:
     segment = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
     counts = torch.zeros(len(lengths), dtype=completion_mask.dtype, device=completion_mask.device)
     return counts.index_add_(0, segment, completion_mask[0, : segment.numel()])
+
+
+def _chosen_label_count(inputs: dict) -> torch.Tensor:
+    """The chosen completions' label tokens in a collated batch (what the "sft" term averages over)."""
+    _, labels = _model_inputs(inputs)
+    return _per_sequence(labels[:, 1:] != -100, inputs).chunk(2)[0].sum()
 
 
 def _num_tokens(inputs: dict) -> torch.Tensor:

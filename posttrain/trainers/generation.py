@@ -1,6 +1,5 @@
 """Sampling GRPO's completions: transformers' `generate` (default) or a colocated vLLM engine (optional dependency)."""
 
-import contextlib
 import importlib.util
 import os
 import socket
@@ -9,6 +8,8 @@ import torch
 from transformers import GenerationConfig
 
 from posttrain.data.common import pad
+
+from .base import no_grad_without_checkpointing
 
 
 def truncate_after_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> list[list[int]]:
@@ -21,35 +22,6 @@ def truncate_after_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -
     is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
     lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, completion_ids.shape[1])
     return [row[:n].tolist() for row, n in zip(completion_ids.cpu(), lengths.cpu().tolist())]
-
-
-@contextlib.contextmanager
-def no_grad_without_checkpointing(model, checkpointing_kwargs: dict | None = None):
-    """torch.no_grad() with `model`'s gradient checkpointing switched off inside (and back on after).
-
-    In train mode, checkpointing turns generate's KV cache off, and with reentrant checkpointing a no-grad forward
-    warns that no input requires grad; inference needs neither.
-    """
-    # transformers 5.2x renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
-    renamed = hasattr(model, "activation_checkpointing_disable")
-    enabled = model.is_activation_checkpointing if renamed else getattr(model, "is_gradient_checkpointing", False)
-    if enabled:
-        model.activation_checkpointing_disable() if renamed else model.gradient_checkpointing_disable()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if enabled:
-            _enable_checkpointing(model, renamed, dict(checkpointing_kwargs or {}))
-
-
-def _enable_checkpointing(model, renamed: bool, kwargs: dict) -> None:
-    # as Trainer does: every_n_layers and offload are options of the enable call, the rest go to torch's checkpoint
-    options = {key: kwargs.pop(key) for key in ("every_n_layers", "offload") if key in kwargs}
-    if renamed:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **options)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None, **options)
 
 
 class TransformersGeneration:

@@ -1,7 +1,6 @@
 """GRPOTrainer: TRL 1.16's GRPO (same arguments, metrics and losses) on posttrain's fused log-prob, advantage and
 loss kernels."""
 
-import copy
 import importlib.util
 import json
 import math
@@ -13,33 +12,19 @@ from typing import ClassVar
 
 import torch
 from accelerate.utils import gather, gather_object, is_peft_model, set_seed
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    TrainerCallback,
-)
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from posttrain.configs.grpo import GRPOConfig
 from posttrain.data.common import is_conversational, pad
 from posttrain.data.grpo import RepeatSampler, check_prompt_dataset, shuffle_batch, split_batch, tokenize_prompts
-from posttrain.models.lm_head import add_fused_logprob_head
-from posttrain.models.loading import (
-    apply_peft,
-    create_model,
-    disable_dropout,
-    load_processing_class,
-    require_text_tokenizer,
-    resolve_model,
-    trainer_model_kwargs,
-)
+from posttrain.models.loading import create_model, trainer_model_kwargs
 from posttrain.ops.grpo_advantages import grpo_advantages
 from posttrain.ops.grpo_loss import grpo_loss
 from posttrain.rewards.registry import resolve_reward_func
 from posttrain.rewards.scoring import reward_func_name, reward_model_scores, score_completions
 
-from .base import PosttrainTrainer, check_peft_model, router_aux_loss_setup
-from .generation import TransformersGeneration, VLLMColocateGeneration, no_grad_without_checkpointing
+from .base import PosttrainTrainer, no_grad_without_checkpointing, router_aux_loss_setup
+from .generation import TransformersGeneration, VLLMColocateGeneration
 
 # Loss types whose normalizer already spans the accumulated batch (TRL's num_items_in_batch)
 TOKEN_NORMALIZED_LOSSES = ("dapo", "cispo")
@@ -55,22 +40,6 @@ def _nanstd(x: torch.Tensor) -> torch.Tensor:
     """Bessel-corrected std of the non-NaN elements (NaN with fewer than two)."""
     values = x[~torch.isnan(x)]
     return values.std() if values.numel() > 1 else x.new_tensor(math.nan)
-
-
-class _SyncRefModelCallback(TrainerCallback):
-    """Every ref_model_sync_steps optimizer steps: ref = alpha * policy + (1 - alpha) * ref (TR-DPO)."""
-
-    def __init__(self, ref_model, accelerator):
-        self.ref_model = ref_model
-        self.accelerator = accelerator
-
-    @torch.no_grad()
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % args.ref_model_sync_steps != 0:
-            return
-        ref = self.accelerator.unwrap_model(self.ref_model)
-        for ref_param, param in zip(ref.parameters(), self.accelerator.unwrap_model(model).parameters()):
-            ref_param.mul_(1.0 - args.ref_model_mixup_alpha).add_(param.detach(), alpha=args.ref_model_mixup_alpha)
 
 
 # (field, is it set away from what posttrain supports, why it is not supported)
@@ -174,6 +143,9 @@ class GRPOTrainer(PosttrainTrainer):
         >>> trainer.train()
     """
 
+    config_class = GRPOConfig
+    trainer_suffix = "GRPO"
+    tokenizer_kwargs = {"padding_side": "left", "truncation_side": "left"}  # noqa: RUF012  (read-only)
     loss_is_scaled_for_ga = True
     _tag_names: ClassVar[list[str]] = ["posttrain", "grpo"]
 
@@ -194,13 +166,21 @@ class GRPOTrainer(PosttrainTrainer):
         rollout_func=None,
         environment_factory=None,
     ):
-        args = self._resolve_args(model, args)
+        args = self.resolve_args(model, args)
         _check_supported(args, tools=tools, rollout_func=rollout_func, environment_factory=environment_factory)
         _warn_loss_setup(args)
-        set_seed(args.seed)  # before building the model: PEFT initializes its adapter randomly
-        model = self._load_policy(model, args, quantization_config)
-        processing_class = self._setup_tokenizer(model, processing_class, args)
-        model = self._wrap_peft(model, peft_config, args)
+        set_seed(args.seed)  # before the model: PEFT initializes adapters randomly
+        model_source = model
+        model = self.load_model(model, args, quantization_config)
+        processing_class = self.load_processing_class(model, processing_class, args)
+        self.eos_token_ids = self._eos_token_ids(model)
+        if peft_config is None and is_peft_model(model) and args.beta != 0.0:
+            warnings.warn(
+                "beta != 0 with an already-wrapped PeftModel: the reference log-probs come from the model with its "
+                "adapters disabled (TRL copies the initial adapter as the reference instead)",
+                stacklevel=2,
+            )
+        model = self.wrap_peft(model, peft_config, args)
         self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_setup(model, args.router_aux_loss_coef)
         self.reward_funcs, self.reward_func_names = self._load_reward_funcs(reward_funcs, args)
         self.reward_weights = self._reward_weights(args)
@@ -225,13 +205,8 @@ class GRPOTrainer(PosttrainTrainer):
             model=model, args=args, data_collator=_keep_examples, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
         )  # fmt: skip
-        if args.n_gpu > 1:
-            raise ValueError(
-                f"GRPOTrainer does not support nn.DataParallel ({args.n_gpu} GPUs visible to one process): launch "
-                "with accelerate launch / torchrun, or make one GPU visible with CUDA_VISIBLE_DEVICES"
-            )
-        self.ref_model = self._build_ref_model(args)
-        self._patch_heads(args)
+        self.finish_setup(args, entropy=True, temperature=args.temperature)
+        self.ref_model = self._build_ref_model(model_source, args, quantization_config)
         self._ops_impl = "auto" if args.use_fused_kernels else "torch"
         self._logs = self._empty_completion_logs(args.generation_batch_size)
         self._pending_extra_logs = defaultdict(list)
@@ -245,69 +220,26 @@ class GRPOTrainer(PosttrainTrainer):
                 raise NotImplementedError("use_vllm=True with a PEFT model is not supported by posttrain's GRPOTrainer")
             self._vllm = VLLMColocateGeneration(self.accelerator.unwrap_model(self.model), args, self.accelerator)
         self.model.add_model_tags(self._tag_names)
-        self._prepare_side_models(args)
+        self._prepare_reward_models()
         if args.log_completions:
             self._check_completion_logging(args)
 
     # ---- construction ----
 
-    @staticmethod
-    def _resolve_args(model, args) -> GRPOConfig:
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
-            return GRPOConfig(f"{name.split('/')[-1]}-GRPO")
-        if not isinstance(args, GRPOConfig):
-            raise TypeError(f"args must be a posttrain GRPOConfig, got {type(args).__module__}.{type(args).__name__}")
-        return args
-
-    def _load_policy(self, model, args, quantization_config):
-        if isinstance(model, str):
-            return resolve_model(model, trainer_model_kwargs(args, quantization_config))
-        if quantization_config is not None:
-            raise ValueError("quantization_config only applies when model is a string (a hub id or a path)")
-        return resolve_model(model, args.model_init_kwargs)
-
-    def _setup_tokenizer(self, model, processing_class, args):
-        if processing_class is None:
-            revision = (args.model_init_kwargs or {}).get("revision")
-            processing_class = load_processing_class(model, revision=revision, trust_remote_code=args.trust_remote_code)
-        require_text_tokenizer(processing_class, "GRPOTrainer")
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
-        self._tokenizer = processing_class
-        model.config.get_text_config().pad_token_id = processing_class.pad_token_id
-        model.generation_config.pad_token_id = processing_class.pad_token_id
-        # every eos id the model declares ends a completion (e.g. an end-of-turn token), plus the tokenizer's
+    def _eos_token_ids(self, model) -> list[int]:
+        """The ids that end a completion: every eos id the model declares (e.g. an end-of-turn token), plus the
+        tokenizer's."""
         declared = model.generation_config.eos_token_id
         declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
-        tokenizer_eos = processing_class.eos_token_id
-        self.eos_token_ids = declared if tokenizer_eos in declared else [tokenizer_eos, *declared]
+        tokenizer_eos = self._tokenizer.eos_token_id
         for attribute in ("response_template", "response_schema"):
-            if getattr(processing_class, attribute, None) is not None:
+            if getattr(self._tokenizer, attribute, None) is not None:
                 warnings.warn(
                     f"the tokenizer has a {attribute}: TRL parses conversational completions with it, posttrain "
                     "decodes them as plain text (the assistant message's content)",
                     stacklevel=3,
                 )
-        return processing_class
-
-    @staticmethod
-    def _wrap_peft(model, peft_config, args):
-        if peft_config is not None:
-            if is_peft_model(model):
-                raise ValueError(
-                    "model is already a PeftModel and peft_config is given: merge and unload the adapter first, or "
-                    "pass no peft_config"
-                )
-            model = apply_peft(model, peft_config)
-        elif is_peft_model(model) and args.beta != 0.0:
-            warnings.warn(
-                "beta != 0 with an already-wrapped PeftModel: the reference log-probs come from the model with its "
-                "adapters disabled (TRL copies the initial adapter as the reference instead)",
-                stacklevel=3,
-            )
-        check_peft_model(model, args.gradient_checkpointing)
-        return model
+        return declared if tokenizer_eos in declared else [tokenizer_eos, *declared]
 
     def _load_reward_funcs(self, reward_funcs, args) -> tuple[list, list[str]]:
         if reward_funcs is None or (isinstance(reward_funcs, list) and not reward_funcs):
@@ -371,7 +303,9 @@ class GRPOTrainer(PosttrainTrainer):
             if dataset is not None:
                 check_prompt_dataset(dataset, name if name == "eval_dataset" else f"eval_dataset[{name!r}]", 1)
 
-    def _build_ref_model(self, args):
+    def _build_ref_model(self, model_source, args, quantization_config):
+        """A frozen copy of the initial policy when beta != 0; None with beta == 0 (no KL term) or PEFT (the
+        reference is the policy with its adapters disabled)."""
         if args.beta == 0.0 or is_peft_model(self.model):
             if args.sync_ref_model:
                 raise ValueError(
@@ -379,27 +313,10 @@ class GRPOTrainer(PosttrainTrainer):
                     "without PEFT (there, the reference is the model with its adapters disabled)"
                 )
             return None
-        # A copy of the initial policy (TRL reloads it from the model's path: the same weights)
-        ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
-        ref_model.requires_grad_(False)
-        return ref_model
+        reference = self.create_reference_model(model_source, args, quantization_config)
+        return self.prepare_reference_model(reference, args, temperature=args.temperature)
 
-    def _patch_heads(self, args):
-        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        options = {"temperature": args.temperature, "use_fused_kernels": args.use_fused_kernels}
-        add_fused_logprob_head(policy, entropy=True, **options)
-        if self.ref_model is not None:
-            add_fused_logprob_head(self.ref_model, **options)
-        if args.disable_dropout:
-            disable_dropout(self.model)
-            if self.ref_model is not None:
-                disable_dropout(self.ref_model)
-
-    def _prepare_side_models(self, args):
-        if self.ref_model is not None:
-            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
-            if args.sync_ref_model:
-                self.add_callback(_SyncRefModelCallback(self.ref_model, self.accelerator))
+    def _prepare_reward_models(self):
         for i, func in enumerate(self.reward_funcs):
             if isinstance(func, torch.nn.Module):
                 self.reward_funcs[i] = self.accelerator.prepare_model(func, evaluation_mode=True, device_placement=True)
@@ -843,19 +760,16 @@ class GRPOTrainer(PosttrainTrainer):
         shown = frame if self.args.num_completions_to_print is None else frame.head(self.args.num_completions_to_print)
         print(shown.drop(columns=["step"]).to_string(max_colwidth=80))
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.use_adaptive_entropy and self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
+    def save_extra_state(self, folder: str) -> None:
+        super().save_extra_state(folder)
+        if self.args.use_adaptive_entropy:
             with open(os.path.join(folder, ENTROPY_STATE_FILE), "w") as f:
                 json.dump({"entropy_coef": self.entropy_coef, "last_world_entropy": self._last_world_entropy}, f)
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, ENTROPY_STATE_FILE) if checkpoint is not None else None
-        if self.args.use_adaptive_entropy and path is not None and os.path.exists(path):
+    def load_extra_state(self, checkpoint: str) -> None:
+        super().load_extra_state(checkpoint)
+        path = os.path.join(checkpoint, ENTROPY_STATE_FILE)
+        if self.args.use_adaptive_entropy and os.path.exists(path):
             with open(path) as f:
                 state = json.load(f)
             self.entropy_coef, self._last_world_entropy = state["entropy_coef"], state["last_world_entropy"]

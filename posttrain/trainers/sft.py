@@ -4,7 +4,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments, set_seed
 
@@ -12,16 +11,8 @@ from posttrain.configs.sft import SFTConfig
 from posttrain.data.packing import DataCollatorForLanguageModeling
 from posttrain.data.sft import check_assistant_only_loss, first_example, prepare_sft_dataset, set_chat_template
 from posttrain.models.attention import use_padding_free_attention
-from posttrain.models.lm_head import add_fused_logprob_head
-from posttrain.models.loading import (
-    apply_peft,
-    create_model,
-    load_processing_class,
-    resolve_model,
-    trainer_model_kwargs,
-)
 
-from .base import PosttrainTrainer, check_peft_model, keep_liger_off_the_head, router_aux_loss_setup
+from .base import PosttrainTrainer, check_train_dataset, router_aux_loss_setup
 
 _PACKED_STRATEGIES = ("bfd", "bfd_split")
 
@@ -56,6 +47,10 @@ class SFTTrainer(PosttrainTrainer):
         >>> trainer.train()
     """
 
+    config_class = SFTConfig
+    trainer_suffix = "SFT"
+    accepts_processor = True
+
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -74,17 +69,15 @@ class SFTTrainer(PosttrainTrainer):
         peft_config=None,
         formatting_func: Callable[[dict], str] | None = None,
     ):
-        args = _sft_config(args, model)
-        _check_train_dataset(train_dataset, args)
+        args = self.resolve_args(model, args)
+        check_train_dataset(train_dataset, args)
         set_seed(args.seed)  # before the model: PEFT initializes adapters randomly
-        model = _load_model(model, args, quantization_config)
-        if processing_class is None:
-            processing_class = _default_tokenizer(model, args)
-        self._tokenizer = _tokenizer_of(processing_class)
+        model = self.load_model(model, args, quantization_config)
+        processing_class = self.load_processing_class(model, processing_class, args)
         sample = first_example(train_dataset, "train")
         model = self._setup_model(model, args, sample, peft_config)
         self._formatting_func = formatting_func
-        data_collator = self._setup_collator(model, args, sample, data_collator)
+        data_collator = self._setup_collator(args, sample, data_collator)
         train_dataset, eval_dataset = self._setup_datasets(args, data_collator, train_dataset, eval_dataset)
         _check_loss_options(args, compute_loss_func)
         _check_checkpointing_kwargs(args)
@@ -102,21 +95,29 @@ class SFTTrainer(PosttrainTrainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        self._patch_model(args)
+        self._check_parallelism(args)
+        self.finish_setup(args, entropy=True, stats=("is_argmax",))
+        eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+        if self.padding_free or (eval_packing and args.packing_strategy in _PACKED_STRATEGIES):
+            use_padding_free_attention(self.policy_lm)
+        self.router_aux_loss_coef, self.aux_loss_enabled = _router_aux_loss_setup(self.policy_lm, args.router_aux_loss_coef)
         self._total_train_tokens = 0
 
     def _setup_model(self, model, args: SFTConfig, sample: dict, peft_config):
-        """eos token, chat template and PEFT adapter, as TRL sets them up before Trainer.__init__."""
-        if args.eos_token is not None:
-            _set_eos_token(model, self._tokenizer, args.eos_token)
+        """Chat template and PEFT adapter, as TRL sets them up before Trainer.__init__."""
         added_tokens = []
         if args.chat_template_path:
             added_tokens = set_chat_template(model, self._tokenizer, args.chat_template_path)
         if "image" in sample or "images" in sample:
             raise NotImplementedError("posttrain's SFTTrainer does not train on vision datasets (image / images) yet")
-        return _wrap_peft(model, peft_config, args, added_tokens)
+        if peft_config is not None and added_tokens:
+            raise NotImplementedError(
+                "chat_template_path added tokens to the vocabulary; training their embeddings through a PEFT adapter "
+                "is not supported yet: add the tokens before building the adapter"
+            )
+        return self.wrap_peft(model, peft_config, args)
 
-    def _setup_collator(self, model, args: SFTConfig, sample: dict, data_collator):
+    def _setup_collator(self, args: SFTConfig, sample: dict, data_collator):
         """Decide padding_free and completion_only_loss, check the loss masks, and build the default collator."""
         self.padding_free = args.padding_free or (args.packing and args.packing_strategy in _PACKED_STRATEGIES)
         self._check_padding_free(args, data_collator)
@@ -128,7 +129,7 @@ class SFTTrainer(PosttrainTrainer):
         if data_collator is not None:
             return data_collator
         return DataCollatorForLanguageModeling(
-            pad_token_id=_set_pad_token(model, self._tokenizer, args.pad_token),
+            pad_token_id=self._tokenizer.pad_token_id,
             padding_free=self.padding_free,
             pad_to_multiple_of=args.pad_to_multiple_of,
         )
@@ -146,22 +147,6 @@ class SFTTrainer(PosttrainTrainer):
                 "before passing the dataset, or set completion_only_loss=False"
             )
         return self._prepare(train_dataset, args, args.packing, "train"), self._prepare_eval(eval_dataset, args)
-
-    def _patch_model(self, args: SFTConfig) -> None:
-        """After Trainer.__init__: the fused log-prob head, packing-safe attention, and the MoE aux-loss weight."""
-        if args.n_gpu > 1:
-            raise ValueError(
-                "SFTTrainer does not support nn.DataParallel (several GPUs visible to one process): launch with "
-                "accelerate launch / torchrun, or make one GPU visible with CUDA_VISIBLE_DEVICES"
-            )
-        self._check_parallelism(args)
-        keep_liger_off_the_head(args)
-        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        add_fused_logprob_head(base, entropy=True, stats=("is_argmax",), use_fused_kernels=args.use_fused_kernels)
-        eval_packing = args.packing if args.eval_packing is None else args.eval_packing
-        if self.padding_free or (eval_packing and args.packing_strategy in _PACKED_STRATEGIES):
-            use_padding_free_attention(base)
-        self.router_aux_loss_coef, self.aux_loss_enabled = _router_aux_loss_setup(base, args.router_aux_loss_coef)
 
     def _check_parallelism(self, args: SFTConfig) -> None:
         config = getattr(self.accelerator, "parallelism_config", None)
@@ -316,103 +301,6 @@ class SFTTrainer(PosttrainTrainer):
             if not self._skip_prepare_dataset:
                 eval_dataset = self._prepare_eval(eval_dataset, self.args)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-
-
-def _sft_config(args, model) -> SFTConfig:
-    if args is None:
-        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
-        return SFTConfig(f"{name.rstrip('/').split('/')[-1]}-SFT")
-    if isinstance(args, SFTConfig):
-        return args
-    if isinstance(args, TrainingArguments):
-        values = args.to_dict()
-        values["hub_token"] = args.hub_token  # to_dict hides it
-        return SFTConfig(**values)
-    raise TypeError(f"args must be an SFTConfig or TrainingArguments, got {type(args).__name__}")
-
-
-def _check_train_dataset(train_dataset, args: SFTConfig) -> None:
-    if train_dataset is None:
-        raise ValueError("train_dataset is required")
-    if isinstance(train_dataset, IterableDataset):
-        if args.accelerator_config.dispatch_batches is True:
-            warnings.warn(
-                "dispatch_batches=True is turned off for an IterableDataset train_dataset (accelerate would "
-                "concatenate batches of different processes)",
-                stacklevel=3,
-            )
-        args.accelerator_config.dispatch_batches = False
-    elif not isinstance(train_dataset, Dataset):
-        raise TypeError(
-            f"train_dataset must be a datasets.Dataset or IterableDataset, got {type(train_dataset).__name__}"
-        )
-
-
-def _load_model(model, args: SFTConfig, quantization_config) -> PreTrainedModel:
-    if not isinstance(model, str):
-        if quantization_config is not None:
-            warnings.warn("quantization_config is ignored: the model is already built", stacklevel=3)
-        return resolve_model(model, args.model_init_kwargs)
-    return create_model(model, trainer_model_kwargs(args, quantization_config))
-
-
-def _default_tokenizer(model: PreTrainedModel, args: SFTConfig):
-    revision = (args.model_init_kwargs or {}).get("revision")
-    return load_processing_class(model, revision=revision, trust_remote_code=args.trust_remote_code)
-
-
-def _tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
-    if isinstance(processing_class, ProcessorMixin):
-        return processing_class.tokenizer
-    if isinstance(processing_class, PreTrainedTokenizerBase):
-        return processing_class
-    raise TypeError(
-        f"processing_class must be a tokenizer (PreTrainedTokenizerBase) or a processor, got {type(processing_class).__name__}"
-    )
-
-
-def _check_vocab(tokenizer, field: str, token: str) -> None:
-    if token not in tokenizer.get_vocab():
-        raise ValueError(
-            f"{field} {token!r} is not in the vocabulary of the processing class ({type(tokenizer).__name__})"
-        )
-
-
-def _set_eos_token(model: PreTrainedModel, tokenizer, eos_token: str) -> None:
-    _check_vocab(tokenizer, "eos_token", eos_token)
-    tokenizer.eos_token = eos_token
-    model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
-    # generation stops at any of its eos ids: add this one rather than replace them
-    current = model.generation_config.eos_token_id
-    current = [] if current is None else [current] if isinstance(current, int) else list(current)
-    if tokenizer.eos_token_id not in current:
-        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *current]
-
-
-def _set_pad_token(model: PreTrainedModel, tokenizer, pad_token: str | None) -> int:
-    pad_token = pad_token or tokenizer.pad_token or tokenizer.eos_token
-    _check_vocab(tokenizer, "pad_token", pad_token)
-    tokenizer.pad_token = pad_token
-    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer.pad_token_id
-
-
-def _wrap_peft(model, peft_config, args: SFTConfig, added_tokens: list):
-    if peft_config is not None:
-        if is_peft_model(model):
-            raise ValueError(
-                "model is already a PeftModel and peft_config was given too: merge and unload the adapter first, or "
-                "pass no peft_config"
-            )
-        if added_tokens:
-            raise NotImplementedError(
-                "chat_template_path added tokens to the vocabulary; training their embeddings through a PEFT adapter "
-                "is not supported yet: add the tokens before building the adapter"
-            )
-        model = apply_peft(model, peft_config)
-    check_peft_model(model, args.gradient_checkpointing)
-    return model
 
 
 def _check_loss_options(args: SFTConfig, compute_loss_func) -> None:

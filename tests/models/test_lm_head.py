@@ -152,3 +152,86 @@ def test_moe_with_an_unknown_load_balancing_loss_falls_back_with_a_warning(monke
     out = model(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels, output_router_logits=True)
     expected = model(input_ids=ids, attention_mask=attention_mask, output_router_logits=True).aux_loss
     torch.testing.assert_close(out.aux_loss, expected)
+
+
+# ---- architectures that rescale their logits, and heads that are not a plain linear layer ----
+
+SMALL = dict(
+    vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64,
+)  # fmt: skip
+# Each family's own convention: Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier, HyperCLOVA X by
+# logits_scaling, Granite divides by logits_scaling. Dory's head learns a per-token scale: only its own forward knows.
+SCALED_FAMILIES = {
+    "cohere": {"logit_scale": 0.5},
+    "granite": {"logits_scaling": 4.0},
+    "hyperclovax": {"logits_scaling": 0.25},
+    "falcon_h1": {"lm_head_multiplier": 0.3},
+    "dory": {},
+}
+
+
+@pytest.mark.parametrize("model_type", list(SCALED_FAMILIES))
+def test_fused_logprobs_follow_each_familys_logit_scaling(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(10)
+    config = AutoConfig.for_model(model_type, **SMALL, **SCALED_FAMILIES[model_type])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 300, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits[:, :-1].double().log_softmax(-1)
+    target = labels[:, 1:]
+    expected = expected.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != -100)
+    if model_type == "dory":
+        with pytest.warns(UserWarning, match=r"LM head \(DoryLMHead\) is not a plain linear layer"):
+            head = add_fused_logprob_head(model)
+        assert not head.fused
+    else:
+        assert add_fused_logprob_head(model).fused
+    with torch.no_grad():
+        out = model(input_ids=ids, logprob_labels=labels)
+    torch.testing.assert_close(out.logprobs.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_logit_scaling_falls_back_to_the_models_logits():
+    model, _ = tiny_causal_lm(seed=11)
+    model.config.logits_scaling = 2.0  # a Qwen2 with a scaling attribute its forward does not read
+    with pytest.warns(UserWarning, match="rescales its logits .* by a convention posttrain does not know"):
+        head = add_fused_logprob_head(model)
+    assert not head.fused
+
+
+# ---- the patch itself: explicit, reversible, never applied twice ----
+
+
+def test_the_patch_is_reversible_and_refuses_a_second_one():
+    model, _ = tiny_causal_lm(seed=12)
+    ids, attention_mask, labels = _batch()
+    head = add_fused_logprob_head(model, entropy=True)
+    with pytest.raises(ValueError, match="already has a fused log-prob head"):
+        add_fused_logprob_head(model)
+    replacement = add_fused_logprob_head(model, replace=True, temperature=0.5)
+    with pytest.raises(RuntimeError, match="not installed"):
+        head.remove()
+    assert model(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels).entropy is None
+    replacement.remove()
+    assert "forward" not in model.__dict__
+    assert model(input_ids=ids, attention_mask=attention_mask).logits.shape == (*ids.shape, 259)
+
+
+def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():
+    import copy
+
+    model, _ = tiny_causal_lm(seed=13)
+    add_fused_logprob_head(model)
+    ids, attention_mask, labels = _batch()
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        before = clone(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels).logprobs
+        for param in model.parameters():
+            param.mul_(-1.0)
+        after = clone(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels).logprobs
+    torch.testing.assert_close(after, before)

@@ -350,3 +350,21 @@ def test_vision_data_is_refused(tiny_model_dir, tmp_path):
     data = Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"], "images": [[]]})
     with pytest.raises(NotImplementedError, match="vision preference data"):
         _trainer(tiny_model_dir, tmp_path, data)
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid", "sft"], ["sft"]], ids=["sigmoid+sft", "sft"])
+def test_sft_term_is_invariant_to_gradient_accumulation(tiny_model_dir, tmp_path, loss_type):
+    """The "sft" term is a token mean: under accumulation it averages over the chosen tokens of the whole accumulated
+    batch, so 4 pairs in one micro-batch and 4 micro-batches of 1 pair take the same step (TRL's does not)."""
+    params = []
+    for batch, accumulation in ((4, 1), (1, 4)):
+        # SGD: Adam's first step is lr * sign(gradient) wherever |gradient| >> eps, and flips on rounding elsewhere
+        config = {**BASE_CONFIG, "max_steps": 1, "per_device_train_batch_size": batch, "optim": "sgd"}
+        args = DPOConfig(output_dir=str(tmp_path / str(batch)), gradient_accumulation_steps=accumulation,
+                         loss_type=loss_type, **config)  # fmt: skip
+        trainer = DPOTrainer(tiny_model_dir, args=args, train_dataset=DATASETS["standard"]())
+        trainer.train()
+        params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    initial = torch.cat([p.flatten() for p in tiny_causal_lm(seed=0)[0].parameters()])
+    assert not torch.equal(params[0], initial)
+    torch.testing.assert_close(params[1], params[0], rtol=0, atol=1e-6)

@@ -263,7 +263,7 @@ def test_model_instance_and_default_processing_class(tiny_model_dir, tmp_path):
 def test_args_default_and_training_arguments_conversion(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # the default config trains in bf16, which this CPU refuses: keep the default's every other value
-    monkeypatch.setattr(posttrain.trainers.sft, "SFTConfig", functools.partial(SFTConfig, bf16=False))
+    monkeypatch.setattr(SFTTrainer, "config_class", functools.partial(SFTConfig, bf16=False))
     trainer = SFTTrainer(tiny_model_dir, train_dataset=_text())
     assert isinstance(trainer.args, SFTConfig)
     assert trainer.args.output_dir.endswith(tiny_model_dir.rstrip("/").split("/")[-1] + "-SFT")
