@@ -28,6 +28,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import (
+    AutoModelForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     ProcessorMixin,
@@ -71,6 +72,10 @@ class PosttrainTrainer(Trainer):
     tokenizer_kwargs: ClassVar[dict] = {}
     # Whether a multimodal processor is accepted (its tokenizer then handles text data)
     accepts_processor: ClassVar[bool] = False
+    # The transformers auto class a model given as a string is loaded with
+    model_architecture: ClassVar[type] = AutoModelForCausalLM
+    # Whether the policy gets the fused log-prob head (not a reward model: it has no LM head)
+    uses_fused_head: ClassVar[bool] = True
     loss_is_scaled_for_ga = None
 
     def __init__(self, *args, **kwargs):
@@ -125,7 +130,7 @@ class PosttrainTrainer(Trainer):
         if isinstance(model, str):
             kwargs = trainer_model_kwargs(args, quantization_config)
             self._model_revision = kwargs.get("revision")
-            return create_model(model, kwargs)
+            return create_model(model, kwargs, architecture=self.model_architecture)
         if quantization_config is not None:
             raise ValueError(
                 "quantization_config only applies when model is a hub id or a path, and this model is already built: "
@@ -174,14 +179,15 @@ class PosttrainTrainer(Trainer):
 
     def finish_setup(self, args, **head_options) -> None:
         """After Trainer.__init__: refuse nn.DataParallel, keep Liger off the LM head, install the fused log-prob head
-        on the policy (`head_options` go to add_fused_logprob_head), and disable dropout if the config says so."""
+        on the policy (`head_options` go to add_fused_logprob_head; none for a trainer without `uses_fused_head`), and
+        disable dropout if the config says so."""
         if args.n_gpu > 1:
             raise ValueError(
                 f"{type(self).__name__} does not support nn.DataParallel ({args.n_gpu} GPUs visible to one process): "
                 "launch with `accelerate launch` or `torchrun`, or make one GPU visible with CUDA_VISIBLE_DEVICES"
             )
         keep_liger_off_the_head(args)
-        self.fused_head = self.install_fused_head(self.policy_lm, args, **head_options)
+        self.fused_head = self.install_fused_head(self.policy_lm, args, **head_options) if self.uses_fused_head else None
         if getattr(args, "disable_dropout", False):
             disable_dropout(self.model)
 
