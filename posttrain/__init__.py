@@ -16,9 +16,17 @@ _LAZY = {
     "SFTConfig": "posttrain.configs.sft",
     "DPOConfig": "posttrain.configs.dpo",
     "GRPOConfig": "posttrain.configs.grpo",
+    "RLOOConfig": "posttrain.configs.rloo",
+    "KTOConfig": "posttrain.configs.kto",
+    "RewardConfig": "posttrain.configs.reward",
+    "DistillationConfig": "posttrain.configs.distillation",
     "SFTTrainer": "posttrain.trainers.sft",
     "DPOTrainer": "posttrain.trainers.dpo",
     "GRPOTrainer": "posttrain.trainers.grpo",
+    "RLOOTrainer": "posttrain.trainers.rloo",
+    "KTOTrainer": "posttrain.trainers.kto",
+    "RewardTrainer": "posttrain.trainers.reward",
+    "DistillationTrainer": "posttrain.trainers.distillation",
 }
 
 __all__ = ["__version__", *_LAZY]
