@@ -6,9 +6,11 @@ single elementwise sweep: loads in any float dtype, fp32 math, one fp32 loss per
 loss's local derivatives from the inputs instead of saving them (four [B] loads are cheaper than two extra tensors
 kept alive through the model's backward) and multiplies them by the incoming gradient.
 
-Losses that sort across the batch (TRL's aot, aot_unpaired) and the batch-mean sft loss are not here: the op sorts
-in torch and feeds the sorted margins to the "sigmoid" loss as chosen / rejected with no references, and computes
-sft in torch.
+The kernels compute modes, not TRL loss types: posttrain.ops.dpo_loss.LOSS_SEMANTICS maps each loss type to its mode
+(sigmoid_norm is "sigmoid" with lengths; aot's label-smoothed sigmoid is "cdpo", conservative DPO's). The scores are
+divided by the completion lengths exactly when lengths are given. Losses that sort across the batch (aot,
+aot_unpaired) and the batch-mean sft loss are not here: the op sorts in torch and feeds the sorted margins to "cdpo" as
+chosen / rejected with no references, and computes sft in torch.
 """
 
 import math
@@ -17,15 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Loss types the kernels compute; "sigmoid_norm" and "ipo" divide the f-divergence scores by the completion lengths.
-KERNEL_LOSS_TYPES = (
-    "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
-    "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
-)  # fmt: skip
-# Losses of the raw log-ratios u, v rather than of the f-divergence score margin (TRL allows only reverse_kl for them)
-LOGRATIO_LOSS_TYPES = ("nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down")
-LENGTH_NORMALIZED = ("sigmoid_norm", "ipo")
-F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+from posttrain.ops.dpo_loss import ALPHA_EXP_CLAMP, F_DIVERGENCE_TYPES, LOSS_SEMANTICS
+
+KERNEL_MODES = tuple(sorted({row.kernel_mode for row in LOSS_SEMANTICS.values()} - {None}))
+# Modes of the raw log-ratios u, v rather than of the f-divergence score margin (_logratio_loss)
+LOGRATIO_MODES = ("nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down")
+# jit code may only read constexpr globals
+_EXP_CLAMP = tl.constexpr(ALPHA_EXP_CLAMP)
 
 
 @triton.jit
@@ -72,9 +72,9 @@ def _f_score(x, alpha_m1, inv_alpha_m1, F_DIV: tl.constexpr):
     elif F_DIV == "alpha_divergence":
         # TRL clamps the exponent at 80 so exp() stays finite in fp32; the clamp's gradient is 0 above it
         t = alpha_m1 * x
-        e = tl.exp(tl.minimum(t, 80.0))
+        e = tl.exp(tl.minimum(t, _EXP_CLAMP))
         score = (e - 1.0) * inv_alpha_m1
-        d_score = tl.where(t <= 80.0, e, 0.0)
+        d_score = tl.where(t <= _EXP_CLAMP, e, 0.0)
     else:
         score = x
         d_score = tl.full(x.shape, 1.0, tl.float32)
@@ -122,7 +122,7 @@ def _margin_loss(
     """(loss, d/du, d/dv) of the losses defined on the score margin f(u) - f(v), or on its length-averaged form.
 
     c1, c2: 1 / (2 beta) for ipo; log(1 - eps), log(eps) for exo_pair; 1 / (1 - 2 eps) for robust; 1 / tau for
-    discopop. eps is conservative-DPO smoothing for sigmoid (0 for TRL's sigmoid, label_smoothing for aot).
+    discopop. eps is the label smoothing of cdpo, exo_pair and robust.
     """
     sc, dsc = _f_score(u, alpha_m1, inv_alpha_m1, F_DIV)
     sr, dsr = _f_score(v, alpha_m1, inv_alpha_m1, F_DIV)
@@ -134,7 +134,10 @@ def _margin_loss(
     delta = sc - sr
     z = beta * delta
     # g = d loss / d delta
-    if (LOSS == "sigmoid") or (LOSS == "sigmoid_norm"):
+    if LOSS == "sigmoid":
+        loss = _softplus(-z)
+        g = -beta * _sigmoid(-z)
+    elif LOSS == "cdpo":
         loss = (1.0 - eps) * _softplus(-z) + eps * _softplus(z)
         g = beta * (eps * _sigmoid(z) - (1.0 - eps) * _sigmoid(-z))
     elif LOSS == "hinge":
@@ -235,35 +238,35 @@ def _dpo_loss_bwd_kernel(
         tl.store(dr_ptr + offs, (g * dv).to(dr_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_args(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, loss_type,
+def _launch_args(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, mode,
                  f_divergence_type, beta, label_smoothing, alpha, tau):  # fmt: skip
     """Pointers, strides, scalars and constexprs shared by both launchers; absent inputs point at `chosen`."""
-    if loss_type not in KERNEL_LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r} is not one of the kernels': {', '.join(KERNEL_LOSS_TYPES)}")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"mode {mode!r} is not one of the kernels': {', '.join(KERNEL_MODES)}")
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of: {', '.join(F_DIVERGENCE_TYPES)}")
     has_ref = ref_chosen is not None
-    normalize = loss_type in LENGTH_NORMALIZED
+    normalize = chosen_lengths is not None
     tensors = (chosen, rejected, ref_chosen if has_ref else chosen, ref_rejected if has_ref else chosen,
                chosen_lengths if normalize else chosen, rejected_lengths if normalize else chosen)  # fmt: skip
-    # eps only matters to the losses that read it; the host-side constants are computed in float64
-    eps = label_smoothing if loss_type in ("sigmoid", "sigmoid_norm", "exo_pair", "robust") else 0.0
+    # the host-side constants are computed in float64
+    eps = float(label_smoothing)
     c1 = c2 = 0.0
-    if loss_type in ("ipo", "sppo_hard"):
+    if mode in ("ipo", "sppo_hard"):
         c1 = 0.5 / beta
-    elif loss_type == "exo_pair":
+    elif mode == "exo_pair":
         c1, c2 = math.log1p(-eps), math.log(eps)
-    elif loss_type == "robust":
+    elif mode == "robust":
         c1 = 1.0 / (1.0 - 2.0 * eps)
-    elif loss_type == "discopop":
+    elif mode == "discopop":
         c1 = 1.0 / tau
     alpha_m1 = alpha - 1.0 if f_divergence_type == "alpha_divergence" else 0.0
     inv_alpha_m1 = 1.0 / alpha_m1 if alpha_m1 != 0.0 else 0.0
     scalars = (float(beta), float(eps), c1, c2, alpha_m1, inv_alpha_m1)
     constexprs = dict(
-        LOSS=loss_type,
+        LOSS=mode,
         F_DIV=f_divergence_type,
-        ON_LOGRATIOS=loss_type in LOGRATIO_LOSS_TYPES,
+        ON_LOGRATIOS=mode in LOGRATIO_MODES,
         HAS_REF=has_ref,
         NORMALIZE=normalize,
     )
@@ -284,25 +287,26 @@ def dpo_loss_fwd(
     chosen_lengths: torch.Tensor | None,
     rejected_lengths: torch.Tensor | None,
     *,
-    loss_type: str,
+    mode: str,
     f_divergence_type: str,
     beta: float,
     label_smoothing: float,
     alpha: float,
     tau: float,
 ) -> torch.Tensor:
-    """Per-pair losses, float32 [B]. All inputs are [B] (any stride, any float dtype; lengths any numeric dtype).
+    """Per-pair losses of kernel `mode` (KERNEL_MODES), float32 [B]. All inputs are [B] (any stride, any float dtype;
+    lengths any numeric dtype).
 
     u = chosen - ref_chosen, v = rejected - ref_rejected; with ref_chosen = ref_rejected = None, u = chosen and
-    v = rejected. Lengths are read only by the LENGTH_NORMALIZED losses. "sigmoid" applies label_smoothing as
-    conservative-DPO smoothing; pass 0.0 for TRL's sigmoid. alpha (!= 1) is read only by alpha_divergence.
+    v = rejected. Given lengths (both or neither), the margin modes divide each score by its length (at least 1).
+    label_smoothing is read by cdpo, exo_pair and robust only; alpha (!= 1) by alpha_divergence only.
     """
     B = chosen.shape[0]
     loss = torch.empty(B, device=chosen.device, dtype=torch.float32)
     if B == 0:
         return loss
     tensors, strides, scalars, constexprs = _launch_args(
-        chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, loss_type, f_divergence_type,
+        chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, mode, f_divergence_type,
         beta, label_smoothing, alpha, tau,
     )  # fmt: skip
     block, num_warps = _block(B)
@@ -321,7 +325,7 @@ def dpo_loss_bwd(
     rejected_lengths: torch.Tensor | None,
     grad_loss: torch.Tensor,
     *,
-    loss_type: str,
+    mode: str,
     f_divergence_type: str,
     beta: float,
     label_smoothing: float,
@@ -341,7 +345,7 @@ def dpo_loss_bwd(
     if B == 0 or not (need_chosen or need_rejected):
         return dc, dr
     tensors, strides, scalars, constexprs = _launch_args(
-        chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, loss_type, f_divergence_type,
+        chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, mode, f_divergence_type,
         beta, label_smoothing, alpha, tau,
     )  # fmt: skip
     block, num_warps = _block(B)

@@ -10,22 +10,30 @@ Loss: one program per sequence loops over its tokens and writes per-sequence sum
 loss-type-specific aggregation of those [B] vectors is left to torch, so its autograd provides the per-sequence
 gradient scale and the backward kernel only needs d(loss)/d(row sum). With importance_sampling_level="sequence" the
 ratio couples every token of a row; the forward also stores sum_t mask_t * d(per-token loss_t)/d(ratio), which makes
-the backward a single sweep.
+the backward a single sweep. VESPO's per-sequence weight needs the row's summed log-ratio before any token's loss, so
+it takes the same extra first sweep. Masked-out tokens are never read (their loads are masked off), so whatever they
+hold (NaN, inf) cannot reach a sum.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from posttrain.ops.grpo_loss import VESPO_LAMBDA_FLOOR, VESPO_LOG_W_RANGE, VESPO_TOKEN_LOG_RATIO_LIMIT
+
 from ._common import interpreting
 
 SCALE_CODES = {"none": 0, "group": 1, "batch": 2}
 # Every clipped-surrogate loss type shares one per-token formula; they differ only in the torch-side aggregation
-LOSS_CODES = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2}
+LOSS_CODES = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2, "vespo": 3}
 # Elements per advantages tile ([groups, generations, reward functions])
 ADV_TILE_ELEMENTS = 4096
 # jit code may only read constexpr globals
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
+VESPO_LOG_W_MIN = tl.constexpr(VESPO_LOG_W_RANGE[0])
+VESPO_LOG_W_MAX = tl.constexpr(VESPO_LOG_W_RANGE[1])
+VESPO_TOKEN_LOG_RATIO_MAX = tl.constexpr(VESPO_TOKEN_LOG_RATIO_LIMIT)
+VESPO_LAMBDA_MIN = tl.constexpr(VESPO_LAMBDA_FLOOR)
 
 
 @triton.jit
@@ -55,6 +63,7 @@ def _combined_rewards(
     R,
     stride_b,
     stride_r,
+    std_eps,
     NORMALIZE_FIRST: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -73,7 +82,7 @@ def _combined_rewards(
     scorable = tl.sum(_not_nan(x).to(tl.int32), axis=2) > 0
     if NORMALIZE_FIRST:
         mean_k, std_k = _nan_mean_std(x, 1)
-        x = (x - mean_k) / (std_k + 1e-4)
+        x = (x - mean_k) / (std_k + std_eps)
     weighted = x * w[None, None, :]
     total = tl.sum(tl.where(_not_nan(weighted), weighted, 0.0), axis=2)
     return tl.where(scorable, total, float("nan")), rows, row_ok
@@ -90,6 +99,7 @@ def _grpo_advantages_kernel(
     R,
     stride_b,
     stride_r,
+    std_eps,
     SCALE: tl.constexpr,
     NORMALIZE_FIRST: tl.constexpr,
     BATCH_STATS: tl.constexpr,
@@ -106,7 +116,7 @@ def _grpo_advantages_kernel(
         cnt = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
         for g0 in range(0, G, BLOCK_G):
             rew, rows, row_ok = _combined_rewards(
-                r_ptr, w_ptr, g0, G, N, R, stride_b, stride_r, NORMALIZE_FIRST, BLOCK_G, BLOCK_N, BLOCK_R
+                r_ptr, w_ptr, g0, G, N, R, stride_b, stride_r, std_eps, NORMALIZE_FIRST, BLOCK_G, BLOCK_N, BLOCK_R
             )
             acc += tl.where(_not_nan(rew), rew, 0.0)
             cnt += _not_nan(rew).to(tl.float32)
@@ -115,7 +125,7 @@ def _grpo_advantages_kernel(
         acc = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
         for g0 in range(0, G, BLOCK_G):
             rew, rows, row_ok = _combined_rewards(
-                r_ptr, w_ptr, g0, G, N, R, stride_b, stride_r, NORMALIZE_FIRST, BLOCK_G, BLOCK_N, BLOCK_R
+                r_ptr, w_ptr, g0, G, N, R, stride_b, stride_r, std_eps, NORMALIZE_FIRST, BLOCK_G, BLOCK_N, BLOCK_R
             )
             dev = tl.where(_not_nan(rew), rew - batch_mean, 0.0)
             acc += dev * dev
@@ -124,20 +134,20 @@ def _grpo_advantages_kernel(
 
     for g0 in range(0, G, BLOCK_G):
         rew, rows, row_ok = _combined_rewards(
-            r_ptr, w_ptr, g0, G, N, R, stride_b, stride_r, NORMALIZE_FIRST, BLOCK_G, BLOCK_N, BLOCK_R
+            r_ptr, w_ptr, g0, G, N, R, stride_b, stride_r, std_eps, NORMALIZE_FIRST, BLOCK_G, BLOCK_N, BLOCK_R
         )
         zeros = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
         if NORMALIZE_FIRST:
-            adv = (rew - batch_mean) / (batch_std + 1e-4)
+            adv = (rew - batch_mean) / (batch_std + std_eps)
             std = zeros + batch_std
         else:
             group_mean, group_std = _nan_mean_std(rew, 1)
             adv = rew - group_mean
             if SCALE == 1:
-                adv = adv / (group_std + 1e-4)
+                adv = adv / (group_std + std_eps)
                 std = zeros + group_std
             elif SCALE == 2:
-                adv = adv / (batch_std + 1e-4)
+                adv = adv / (batch_std + std_eps)
                 std = zeros + batch_std
             else:
                 std = zeros + group_std
@@ -156,8 +166,10 @@ def grpo_advantages_fwd(
     scale_rewards: str,
     normalize_then_sum: bool,
     return_std: bool,
+    std_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the advantages kernel. rewards [B, R] float (NaN = no reward), weights [R] float32 contiguous.
+    """Launch the advantages kernel. rewards [B, R] float (NaN = no reward), weights [R] float32 contiguous; std_eps is
+    added to every standard deviation before dividing by it.
 
     B must be a multiple of num_generations. Returns float32 [B] advantages and, with return_std, the float32 [B]
     standard deviation each advantage was (or, for scale_rewards="none", would have been) divided by.
@@ -174,7 +186,7 @@ def grpo_advantages_fwd(
     batch_stats = normalize_then_sum or scale_rewards == "batch"
     _grpo_advantages_kernel[(1,)](
         rewards, weights, adv, std,
-        G, num_generations, R, rewards.stride(0), rewards.stride(1),
+        G, num_generations, R, rewards.stride(0), rewards.stride(1), float(std_eps),
         SCALE=SCALE_CODES[scale_rewards], NORMALIZE_FIRST=normalize_then_sum, BATCH_STATS=batch_stats,
         WRITE_STD=return_std, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_R=block_r,
         num_warps=4 if block_g * block_n * block_r <= 1024 else 8,
@@ -183,9 +195,23 @@ def grpo_advantages_fwd(
 
 
 @triton.jit
-def _policy_term(c, adv, logp, eps_low, eps_high, delta, t_pos, t_neg, LOSS: tl.constexpr, HAS_DELTA: tl.constexpr):
-    # Per-token policy loss at importance ratio c, and its gradient: d/d(logp) for cispo (whose ratio is detached),
-    # d/d(c) otherwise.
+def _vespo_phi(seq_log_ratio, adv, k_pos, lam_pos, k_neg, lam_neg):
+    # VESPO's gamma weight phi(w) = e^lam w^k e^(-lam w) of the clamped sequence ratio w, in log space; NaN or inf
+    # gives 0 (TRL's nan_to_num). The lambda floor is TRL's.
+    log_w = tl.minimum(tl.maximum(seq_log_ratio, VESPO_LOG_W_MIN), VESPO_LOG_W_MAX)
+    k = tl.where(adv >= 0, k_pos, k_neg)
+    lam = tl.maximum(tl.where(adv >= 0, lam_pos, lam_neg), VESPO_LAMBDA_MIN)
+    phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+    # tl.maximum / tl.minimum may drop a NaN: the unclamped ratio decides
+    return tl.where(_not_nan(seq_log_ratio) & (phi < float("inf")), phi, 0.0)
+
+
+@triton.jit
+def _policy_term(
+    c, adv, logp, phi, eps_low, eps_high, delta, t_pos, t_neg, LOSS: tl.constexpr, HAS_DELTA: tl.constexpr
+):
+    # Per-token policy loss at importance ratio c, and its gradient: d/d(logp) for cispo and vespo (whose weights are
+    # detached), d/d(c) otherwise.
     if LOSS == 1:
         w = tl.minimum(c, eps_high)
         loss = -w * adv * logp
@@ -195,6 +221,9 @@ def _policy_term(c, adv, logp, eps_low, eps_high, delta, t_pos, t_neg, LOSS: tl.
         gate = tl.sigmoid(temp * (c - 1.0))
         loss = -gate * (4.0 / temp) * adv
         grad = -4.0 * adv * gate * (1.0 - gate)
+    elif LOSS == 3:
+        loss = -phi * adv * logp
+        grad = -phi * adv
     else:
         lo = 1.0 - eps_low
         hi = 1.0 + eps_high
@@ -231,24 +260,59 @@ def _clip_flags(c, adv, eps_low, eps_high, delta, LOSS: tl.constexpr, HAS_DELTA:
 
 
 @triton.jit
-def _load_row_tile(ptr, stride_t, offs, in_row):
-    return tl.load(ptr + offs * stride_t, mask=in_row, other=0.0).to(tl.float32)
+def _load_row_tile(ptr, stride_t, offs, valid):
+    # masked-out tokens read as 0 whatever they hold (NaN, inf): selected away, never multiplied by a 0 mask
+    return tl.load(ptr + offs * stride_t, mask=valid, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _token_tile(
     t0, T, mask_row, logp_row, old_row, stride_mt, stride_lt, stride_ot, c_seq, SEQ: tl.constexpr, BLOCK_T: tl.constexpr
 ):
-    # Tokens [t0, t0 + BLOCK_T) of a row: offsets, bounds, mask, log-probs and importance ratio (the sequence's at SEQ)
+    # Tokens [t0, t0 + BLOCK_T) of a row: offsets, bounds, the unmasked tokens, mask, log-probs and importance ratio
+    # (the sequence's at SEQ)
     offs = t0 + tl.arange(0, BLOCK_T)
     in_row = offs < T
     m = _load_row_tile(mask_row, stride_mt, offs, in_row)
-    logp = _load_row_tile(logp_row, stride_lt, offs, in_row)
+    valid = in_row & (m != 0.0)
+    logp = _load_row_tile(logp_row, stride_lt, offs, valid)
     if SEQ:
         c = c_seq
     else:
-        c = tl.exp(logp - _load_row_tile(old_row, stride_ot, offs, in_row))
-    return offs, in_row, m, logp, c
+        c = tl.exp(logp - _load_row_tile(old_row, stride_ot, offs, valid))
+    return offs, in_row, valid, m, logp, c
+
+
+@triton.jit
+def _row_prologue(
+    row, T, adv, mask_row, logp_row, old_row, log_is_ptr, stride_mt, stride_lt, stride_ot,
+    k_pos, lam_pos, k_neg, lam_neg, LOSS: tl.constexpr, SEQ: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    # One sweep over the row for what couples its tokens: the token count and sequence ratio (SEQ), VESPO's weight
+    acc_lr = tl.zeros((BLOCK_T,), tl.float32)
+    acc_vlr = tl.zeros((BLOCK_T,), tl.float32)
+    acc_m = tl.zeros((BLOCK_T,), tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs = t0 + tl.arange(0, BLOCK_T)
+        in_row = offs < T
+        m = _load_row_tile(mask_row, stride_mt, offs, in_row)
+        valid = in_row & (m != 0.0)
+        lr = _load_row_tile(logp_row, stride_lt, offs, valid) - _load_row_tile(old_row, stride_ot, offs, valid)
+        acc_lr += lr * m
+        acc_m += m
+        if LOSS == 3:
+            # TRL clamps each token's log-ratio to [-20, 20]; a NaN must survive the clamp (max / min may drop it)
+            clamped = tl.minimum(tl.maximum(lr, -VESPO_TOKEN_LOG_RATIO_MAX), VESPO_TOKEN_LOG_RATIO_MAX)
+            acc_vlr += tl.where(_not_nan(lr), clamped, lr) * m
+    tokens = tl.sum(acc_m, axis=0)
+    c_seq = 1.0
+    if SEQ:
+        c_seq = tl.exp(tl.sum(acc_lr, axis=0) / tl.maximum(tokens, 1.0))
+    phi = 0.0
+    if LOSS == 3:
+        seq_log_ratio = tl.sum(acc_vlr, axis=0) + tl.load(log_is_ptr + row)
+        phi = _vespo_phi(seq_log_ratio, adv, k_pos, lam_pos, k_neg, lam_neg)
+    return tokens, c_seq, phi
 
 
 @triton.jit
@@ -259,6 +323,7 @@ def _grpo_loss_fwd_kernel(
     adv_ptr,
     mask_ptr,
     w_ptr,
+    log_is_ptr,
     loss_ptr,
     tokens_ptr,
     kl_ptr,
@@ -267,6 +332,7 @@ def _grpo_loss_fwd_kernel(
     region_ptr,
     coef_ptr,
     dcoef_ptr,
+    phi_ptr,
     T,
     stride_lb,
     stride_lt,
@@ -284,6 +350,10 @@ def _grpo_loss_fwd_kernel(
     delta,
     t_pos,
     t_neg,
+    k_pos,
+    lam_pos,
+    k_neg,
+    lam_neg,
     LOSS: tl.constexpr,
     SEQ: tl.constexpr,
     HAS_KL: tl.constexpr,
@@ -302,18 +372,12 @@ def _grpo_loss_fwd_kernel(
 
     c_seq = 1.0
     tokens = 0.0
-    if SEQ:
-        acc_lr = tl.zeros((BLOCK_T,), tl.float32)
-        acc_m = tl.zeros((BLOCK_T,), tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            offs = t0 + tl.arange(0, BLOCK_T)
-            in_row = offs < T
-            m = _load_row_tile(mask_row, stride_mt, offs, in_row)
-            lr = _load_row_tile(logp_row, stride_lt, offs, in_row) - _load_row_tile(old_row, stride_ot, offs, in_row)
-            acc_lr += lr * m
-            acc_m += m
-        tokens = tl.sum(acc_m, axis=0)
-        c_seq = tl.exp(tl.sum(acc_lr, axis=0) / tl.maximum(tokens, 1.0))
+    phi = 0.0
+    if SEQ or LOSS == 3:
+        tokens, c_seq, phi = _row_prologue(
+            row, T, adv, mask_row, logp_row, old_row, log_is_ptr, stride_mt, stride_lt, stride_ot,
+            k_pos, lam_pos, k_neg, lam_neg, LOSS, SEQ, BLOCK_T,
+        )  # fmt: skip
 
     acc_loss = tl.zeros((BLOCK_T,), tl.float32)
     acc_kl = tl.zeros((BLOCK_T,), tl.float32)
@@ -323,17 +387,17 @@ def _grpo_loss_fwd_kernel(
     acc_region = tl.zeros((BLOCK_T,), tl.float32)
     acc_dcoef = tl.zeros((BLOCK_T,), tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        offs, in_row, m, logp, c = _token_tile(
+        offs, _, valid, m, logp, c = _token_tile(
             t0, T, mask_row, logp_row, old_row, stride_mt, stride_lt, stride_ot, c_seq, SEQ, BLOCK_T
         )
-        loss, grad = _policy_term(c, adv, logp, eps_low, eps_high, delta, t_pos, t_neg, LOSS, HAS_DELTA)
+        loss, grad = _policy_term(c, adv, logp, phi, eps_low, eps_high, delta, t_pos, t_neg, LOSS, HAS_DELTA)
         if HAS_WEIGHTS:
-            w = _load_row_tile(w_row, stride_wt, offs, in_row)
+            w = _load_row_tile(w_row, stride_wt, offs, valid)
             loss, grad = loss * w, grad * w
-        if SEQ and LOSS != 1:
+        if SEQ and LOSS != 1 and LOSS != 3:
             acc_dcoef += grad * m
         if HAS_KL:
-            d = _load_row_tile(ref_row, stride_rt, offs, in_row) - logp
+            d = _load_row_tile(ref_row, stride_rt, offs, valid) - logp
             kl = tl.exp(d) - d - 1.0
             if BIAS_KL:
                 if SEQ:
@@ -352,6 +416,8 @@ def _grpo_loss_fwd_kernel(
     tl.store(loss_ptr + row, tl.sum(acc_loss, axis=0))
     if HAS_KL:
         tl.store(kl_ptr + row, tl.sum(acc_kl, axis=0))
+    if LOSS == 3:
+        tl.store(phi_ptr + row, phi)
     if SEQ:
         # one ratio per sequence, hence one clip decision per sequence (TRL counts sequences, not tokens, here)
         low, high = _clip_flags(c_seq, adv, eps_low, eps_high, delta, LOSS, HAS_DELTA)
@@ -380,6 +446,7 @@ def _grpo_loss_bwd_kernel(
     tokens_ptr,
     coef_ptr,
     dcoef_ptr,
+    phi_ptr,
     dlogp_ptr,
     T,
     stride_lb,
@@ -425,15 +492,18 @@ def _grpo_loss_bwd_kernel(
         # every token's loss depends on the sequence ratio exp(sum_t m_t lr_t / max(sum_t m_t, 1))
         c_seq = tl.load(coef_ptr + row)
         coupling = c_seq * tl.load(dcoef_ptr + row) / tl.maximum(tl.load(tokens_ptr + row), 1.0)
+    phi = 0.0
+    if LOSS == 3:
+        phi = tl.load(phi_ptr + row)
 
     for t0 in range(0, T, BLOCK_T):
-        offs, in_row, m, logp, c = _token_tile(
+        offs, in_row, valid, m, logp, c = _token_tile(
             t0, T, mask_row, logp_row, old_row, stride_mt, stride_lt, stride_ot, c_seq, SEQ, BLOCK_T
         )
-        _, grad = _policy_term(c, adv, logp, eps_low, eps_high, delta, t_pos, t_neg, LOSS, HAS_DELTA)
+        _, grad = _policy_term(c, adv, logp, phi, eps_low, eps_high, delta, t_pos, t_neg, LOSS, HAS_DELTA)
         if HAS_WEIGHTS:
-            grad = grad * _load_row_tile(w_row, stride_wt, offs, in_row)
-        if LOSS == 1:
+            grad = grad * _load_row_tile(w_row, stride_wt, offs, valid)
+        if LOSS == 1 or LOSS == 3:
             dl = grad
         elif SEQ:
             dl = 0.0
@@ -442,7 +512,7 @@ def _grpo_loss_bwd_kernel(
         if SEQ:
             dl += coupling
         if HAS_KL:
-            d = _load_row_tile(ref_row, stride_rt, offs, in_row) - logp
+            d = _load_row_tile(ref_row, stride_rt, offs, valid) - logp
             e = tl.exp(d)
             if BIAS_KL:
                 dl += beta * (1.0 - e) * c
@@ -450,7 +520,8 @@ def _grpo_loss_bwd_kernel(
                     dl += beta * (e - d - 1.0) * c
             else:
                 dl += beta * (1.0 - e)
-        out = g_row * m * dl
+        # masked-out tokens get an exact 0 (selected, so a NaN held there cannot leak in)
+        out = tl.where(valid, g_row * m * dl, 0.0)
         tl.store(dlogp_row + offs * stride_dt, out.to(dlogp_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -462,8 +533,8 @@ def _block_t(T: int, block_t: int | None) -> int:
 
 
 def _operands(logps, old_logps, ref_logps, mask, cfg):
-    """(old_logps, ref_logps, mask, weights, has_kl) as the kernels read them: logps stands in for an absent or unused
-    input; cfg["policy_weights"] ([B, T] or [B, 1], or None) is broadcast to [B, T] without copying."""
+    """(old_logps, ref_logps, mask, weights, log_is, has_kl) as the kernels read them: logps stands in for an absent
+    or unused input; cfg["policy_weights"] ([B, T] or [B, 1], or None) is broadcast to [B, T] without copying."""
     has_kl = cfg["beta"] != 0.0
     old_logps = old_logps if old_logps is not None else logps
     ref_logps = ref_logps if has_kl else logps
@@ -471,7 +542,8 @@ def _operands(logps, old_logps, ref_logps, mask, cfg):
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     weights = cfg.get("policy_weights")
     weights = weights.expand(logps.shape) if weights is not None else logps
-    return old_logps, ref_logps, mask, weights, has_kl
+    log_is = cfg.get("vespo_log_is")
+    return old_logps, ref_logps, mask, weights, log_is if log_is is not None else logps, has_kl
 
 
 def _scalars(cfg: dict) -> tuple:
@@ -481,6 +553,11 @@ def _scalars(cfg: dict) -> tuple:
         float(delta) if delta is not None else 0.0,
         float(cfg["sapo_temperature_pos"]), float(cfg["sapo_temperature_neg"]),
     )  # fmt: skip
+
+
+def _vespo_scalars(cfg: dict) -> tuple:
+    names = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+    return tuple(float(cfg.get(name, 0.0)) for name in names)
 
 
 def _flags(cfg: dict, has_kl: bool) -> dict:
@@ -506,29 +583,34 @@ def grpo_loss_fwd(
     """Per-sequence sums of the GRPO per-token loss. logps, old_logps, ref_logps, mask [B, T] (any strides), advantages [B].
 
     cfg holds loss_type, importance_sampling_level, beta, epsilon_low, epsilon_high, delta, sapo_temperature_pos,
-    sapo_temperature_neg and use_bias_correction_kl (as GRPOConfig), and policy_weights ([B, T] or [B, 1] or None:
-    multiplies each token's policy term, not its KL term). old_logps None means logps itself; ref_logps is
-    read only when beta != 0. Returns float32 [B] tensors: "loss" (sum_t mask_t * loss_t), "tokens" (sum_t mask_t),
+    sapo_temperature_neg, use_bias_correction_kl and vespo_k_pos / _lambda_pos / _k_neg / _lambda_neg (as GRPOConfig),
+    policy_weights ([B, T] or [B, 1] or None: multiplies each token's policy term, not its KL term) and, for vespo,
+    vespo_log_is (float32 [B]: the sampler correction's clamped log-ratio summed per sequence, added to VESPO's).
+    old_logps None means logps itself; ref_logps is read only when beta != 0. Tokens whose mask is 0 are never read.
+    Returns float32 [B] tensors: "loss" (sum_t mask_t * loss_t), "tokens" (sum_t mask_t),
     "kl" (sum_t mask_t * kl_t, only when beta != 0), "clip_low" / "clip_high" / "clip_region" (mask-weighted counts of
-    clipped tokens, or 0/1 per sequence at importance_sampling_level="sequence"), and for the sequence level "coef"
-    (the sequence ratio) and "dcoef" (sum_t mask_t * d loss_t / d ratio), which the backward needs.
+    clipped tokens, or 0/1 per sequence at importance_sampling_level="sequence"), for the sequence level "coef"
+    (the sequence ratio) and "dcoef" (sum_t mask_t * d loss_t / d ratio), and for vespo "phi" (VESPO's sequence
+    weight); the backward needs the last three.
     """
     B, T = logps.shape
-    old_logps, ref_logps, mask, weights, has_kl = _operands(logps, old_logps, ref_logps, mask, cfg)
+    old_logps, ref_logps, mask, weights, log_is, has_kl = _operands(logps, old_logps, ref_logps, mask, cfg)
     f32 = {"device": logps.device, "dtype": torch.float32}
-    names = ("loss", "tokens", "kl", "clip_low", "clip_high", "clip_region", "coef", "dcoef")
+    names = ("loss", "tokens", "kl", "clip_low", "clip_high", "clip_region", "coef", "dcoef", "phi")
     out = {name: torch.empty(B, **f32) for name in names}
     if B > 0:
         _grpo_loss_fwd_kernel[(B,)](
-            logps, old_logps, ref_logps, advantages, mask, weights, *out.values(),
+            logps, old_logps, ref_logps, advantages, mask, weights, log_is, *out.values(),
             T, logps.stride(0), logps.stride(1), old_logps.stride(0), old_logps.stride(1),
             ref_logps.stride(0), ref_logps.stride(1), mask.stride(0), mask.stride(1), weights.stride(0), weights.stride(1),
-            *_scalars(cfg), **_flags(cfg, has_kl), BLOCK_T=_block_t(T, block_t),
+            *_scalars(cfg), *_vespo_scalars(cfg), **_flags(cfg, has_kl), BLOCK_T=_block_t(T, block_t),
         )  # fmt: skip
     if not has_kl:
         del out["kl"]
     if cfg["importance_sampling_level"] != "sequence":
         del out["coef"], out["dcoef"]
+    if cfg["loss_type"] != "vespo":
+        del out["phi"]
     return out
 
 
@@ -543,18 +625,19 @@ def grpo_loss_bwd(
     cfg: dict,
     block_t: int | None = None,
 ) -> torch.Tensor:
-    """d(sum_b grad_rows[b] * loss_rows[b]) / d logps, in logps' dtype, [B, T] contiguous.
+    """d(sum_b grad_rows[b] * loss_rows[b]) / d logps, in logps' dtype, [B, T] contiguous (0 where the mask is).
 
-    grad_rows: contiguous float32 [B]; saved: grpo_loss_fwd's "tokens" (and "coef", "dcoef" at the sequence level).
+    grad_rows: contiguous float32 [B]; saved: grpo_loss_fwd's "tokens" (and "coef", "dcoef" at the sequence level,
+    "phi" for vespo).
     """
     B, T = logps.shape
-    old_logps, ref_logps, mask, weights, has_kl = _operands(logps, old_logps, ref_logps, mask, cfg)
+    old_logps, ref_logps, mask, weights, _, has_kl = _operands(logps, old_logps, ref_logps, mask, cfg)
     dlogps = torch.empty((B, T), device=logps.device, dtype=logps.dtype)
     tokens = saved["tokens"]
     if B > 0:
         _grpo_loss_bwd_kernel[(B,)](
             logps, old_logps, ref_logps, advantages, mask, weights, grad_rows, tokens,
-            saved.get("coef", tokens), saved.get("dcoef", tokens), dlogps,
+            saved.get("coef", tokens), saved.get("dcoef", tokens), saved.get("phi", tokens), dlogps,
             T, logps.stride(0), logps.stride(1), old_logps.stride(0), old_logps.stride(1),
             ref_logps.stride(0), ref_logps.stride(1), mask.stride(0), mask.stride(1),
             dlogps.stride(0), dlogps.stride(1), weights.stride(0), weights.stride(1),

@@ -5,11 +5,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.ops.dpo_loss import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCE_TYPES, LABEL_SMOOTHING_RANGE, LOSS_TYPES
+from posttrain.ops.dpo_loss import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCE_TYPES, LOSS_TYPES, check_label_smoothing
 
-from .base import PosttrainConfig
-
-TRUNCATION_MODES = ("keep_start", "keep_end")
+from .base import TRUNCATION_MODES, PosttrainConfig
 
 
 @dataclass
@@ -179,8 +177,7 @@ class DPOConfig(PosttrainConfig):
                 f"includes {', '.join(unsupported)}: use f_divergence_type='reverse_kl' with those"
             )
         for name in self.loss_type:
-            if name in LABEL_SMOOTHING_RANGE:
-                _check_label_smoothing(self.label_smoothing, name)
+            check_label_smoothing(name, self.label_smoothing)
         if self.ld_alpha is not None and not (isinstance(self.ld_alpha, (int, float)) and 0.0 <= self.ld_alpha <= 1.0):
             raise ValueError(f"ld_alpha must lie in [0, 1] (or be None), got {self.ld_alpha!r}")
         if self.use_weighting and {"aot", "aot_unpaired"} & set(self.loss_type):
@@ -209,12 +206,3 @@ class DPOConfig(PosttrainConfig):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value > 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_label_smoothing(value, loss_type: str) -> None:
-    low, high, low_inclusive = LABEL_SMOOTHING_RANGE[loss_type]
-    above_low = value >= low if low_inclusive else value > low
-    if not (isinstance(value, (int, float)) and above_low and value < high):
-        interval = f"{'[' if low_inclusive else '('}{low}, {high})"
-        hint = " (the EXO paper suggests 1e-3)" if loss_type == "exo_pair" else ""
-        raise ValueError(f"label_smoothing must lie in {interval} for loss_type {loss_type!r}, got {value!r}{hint}")

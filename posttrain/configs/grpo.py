@@ -1,15 +1,15 @@
 """GRPOConfig: TRL 1.16's GRPO options, same names and defaults, plus posttrain's `use_fused_kernels`."""
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.ops.grpo_advantages import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
+from posttrain.ops.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+
 from .base import PosttrainConfig
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-SCALE_REWARDS = ("group", "batch", "none")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 VLLM_MODES = ("colocate", "server")
 VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
@@ -320,6 +320,11 @@ class GRPOConfig(PosttrainConfig):
             raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        beta = self.beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+            raise ValueError(
+                f"beta must be a finite number >= 0 (the KL coefficient; 0 builds no reference model), got {beta!r}"
+            )
 
     def _resolve_generation_batch(self):
         global_batch = self.per_device_train_batch_size * self.world_size
@@ -359,6 +364,17 @@ class GRPOConfig(PosttrainConfig):
         if low is not None and high is not None and low >= high:
             raise ValueError(
                 f"vllm_importance_sampling_clip_min ({low}) must be < vllm_importance_sampling_clip_max ({high})"
+            )
+        if (
+            self.loss_type == "vespo"
+            and self.use_vllm
+            and self.vllm_importance_sampling_correction
+            and self.vllm_importance_sampling_mode.startswith("sequence_")
+        ):
+            raise ValueError(
+                f"loss_type='vespo' folds vLLM's per-token importance ratios into its sequence weight: "
+                f"vllm_importance_sampling_mode must be 'token_truncate' or 'token_mask', got "
+                f"{self.vllm_importance_sampling_mode!r}"
             )
         truncating = self.vllm_importance_sampling_mode.endswith("_truncate")
         if self.vllm_importance_sampling_correction and truncating and low is None and high is None:

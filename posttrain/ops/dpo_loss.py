@@ -1,28 +1,49 @@
 """Per-pair DPO-family losses (every loss_type of TRL 1.16's DPOTrainer) from summed sequence log-probs."""
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ._common import check_float, check_same_device, resolve_impl
 
-LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)  # fmt: skip
-F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# The loss types built on the chosen-minus-rejected score margin: the only ones TRL accepts another f-divergence for
-F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-# Which lengths each loss type reads
-LENGTHS_NEEDED = {"ipo": ("chosen", "rejected"), "sigmoid_norm": ("chosen", "rejected"), "sft": ("chosen",)}
-# label_smoothing is a preference-flip probability for these: (low, high, low_inclusive)
-LABEL_SMOOTHING_RANGE = {
-    "robust": (0.0, 0.5, True),
-    "aot": (0.0, 0.5, True),
-    "aot_unpaired": (0.0, 0.5, True),
-    "exo_pair": (0.0, 0.5, False),
+
+class LossSemantics(NamedTuple):
+    """What one TRL 1.16 DPO loss_type reads and how posttrain computes it (a row of LOSS_SEMANTICS)."""
+
+    kernel_mode: str | None  # the Triton kernels' elementwise mode; None: computed in torch only
+    lengths: tuple[str, ...]  # the completion lengths it divides by: "chosen", "rejected"
+    f_divergence: bool  # accepts an f_divergence_type other than reverse_kl (TRL's margin-based types)
+    label_smoothing: tuple[float, float, bool] | None  # (low, high, low_inclusive) of label_smoothing; None: unread
+    sorts_batch: bool  # pairs the k-th smallest policy and reference quantities across the batch
+
+
+_BOTH = ("chosen", "rejected")
+_FLIP = (0.0, 0.5, True)  # a preference-flip probability
+# The one table of DPO loss semantics: DPOConfig's checks, dpo_loss's checks and dispatch, and the kernels' modes.
+# sigmoid_norm is the sigmoid kernel with lengths; aot's smoothed sigmoid is conservative DPO's ("cdpo").
+LOSS_SEMANTICS = {
+    "sigmoid": LossSemantics("sigmoid", (), True, None, False),
+    "hinge": LossSemantics("hinge", (), True, None, False),
+    "ipo": LossSemantics("ipo", _BOTH, True, None, False),
+    "exo_pair": LossSemantics("exo_pair", (), True, (0.0, 0.5, False), False),
+    "nca_pair": LossSemantics("nca_pair", (), False, None, False),
+    "robust": LossSemantics("robust", (), True, _FLIP, False),
+    "bco_pair": LossSemantics("bco_pair", (), False, None, False),
+    "sppo_hard": LossSemantics("sppo_hard", (), False, None, False),
+    "aot": LossSemantics("cdpo", (), False, _FLIP, True),
+    "aot_unpaired": LossSemantics("cdpo", (), False, _FLIP, True),
+    "apo_zero": LossSemantics("apo_zero", (), False, None, False),
+    "apo_down": LossSemantics("apo_down", (), False, None, False),
+    "discopop": LossSemantics("discopop", (), True, None, False),
+    # a batch mean, not a per-pair loss: no kernel; it accepts (and ignores) an f-divergence, as TRL
+    "sft": LossSemantics(None, ("chosen",), True, None, False),
+    "sigmoid_norm": LossSemantics("sigmoid", _BOTH, True, None, False),
 }
+LOSS_TYPES = tuple(LOSS_SEMANTICS)
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_LOSS_TYPES = tuple(name for name, row in LOSS_SEMANTICS.items() if row.f_divergence)
 # Where TRL's alpha-divergence falls back to reverse_kl, and where it clamps the exponent (its fp32 / bf16 value)
 ALPHA_ONE_TOLERANCE = 1e-6
 ALPHA_EXP_CLAMP = 80.0
@@ -103,7 +124,7 @@ def dpo_loss_ref(
     f_divergence_type = _effective_f_divergence(f_divergence_type, f_alpha_divergence_coef)
     score_c = _f_score(u, f_divergence_type, f_alpha_divergence_coef)
     score_r = _f_score(v, f_divergence_type, f_alpha_divergence_coef)
-    if loss_type in ("ipo", "sigmoid_norm"):
+    if LOSS_SEMANTICS[loss_type].lengths:
         score_c = score_c / chosen_lengths.to(dtype).clamp(min=1.0)
         score_r = score_r / rejected_lengths.to(dtype).clamp(min=1.0)
     delta = score_c - score_r
@@ -130,22 +151,21 @@ def dpo_loss_ref(
 class DPOLossFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels (posttrain.kernels.dpo_loss) for the elementwise loss types.
 
-    forward(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, loss_type,
-    f_divergence_type, beta, label_smoothing, alpha, tau) returns float32 [B]; loss_type is one of the kernels'
-    (KERNEL_LOSS_TYPES), ref_* may be None (the log-ratios are then chosen and rejected themselves), and "sigmoid"
-    applies label_smoothing as conservative-DPO smoothing. Gradients reach the four log-prob inputs (the references'
-    are the negatives of the policy's).
+    forward(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, mode, f_divergence_type,
+    beta, label_smoothing, alpha, tau) returns float32 [B]; mode is a kernel mode (LOSS_SEMANTICS' kernel_mode),
+    ref_* may be None (the log-ratios are then chosen and rejected themselves), and lengths None means no length
+    normalization. Gradients reach the four log-prob inputs (the references' are the negatives of the policy's).
     """
 
     @staticmethod
     def forward(
         ctx, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-        loss_type, f_divergence_type, beta, label_smoothing, alpha, tau,
+        mode, f_divergence_type, beta, label_smoothing, alpha, tau,
     ):  # fmt: skip
         from posttrain.kernels.dpo_loss import dpo_loss_fwd
 
         params = dict(
-            loss_type=loss_type, f_divergence_type=f_divergence_type, beta=beta, label_smoothing=label_smoothing,
+            mode=mode, f_divergence_type=f_divergence_type, beta=beta, label_smoothing=label_smoothing,
             alpha=alpha, tau=tau,
         )  # fmt: skip
         loss = dpo_loss_fwd(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, **params)
@@ -177,12 +197,30 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def check_label_smoothing(loss_type: str, label_smoothing) -> None:
+    """Raise ValueError, naming the range, when `loss_type` reads label_smoothing and it lies outside that range."""
+    bounds = LOSS_SEMANTICS[loss_type].label_smoothing
+    if bounds is None:
+        return
+    low, high, low_inclusive = bounds
+    ok = isinstance(label_smoothing, (int, float)) and (
+        (low <= label_smoothing if low_inclusive else low < label_smoothing) and label_smoothing < high
+    )
+    if not ok:
+        interval = f"{'[' if low_inclusive else '('}{low}, {high})"
+        hint = " (the EXO paper suggests 1e-3)" if loss_type == "exo_pair" else ""
+        raise ValueError(
+            f"label_smoothing must lie in {interval} for loss_type {loss_type!r}, got {label_smoothing!r}{hint}"
+        )
+
+
 def _check_args(logps: dict, lengths: dict, loss_type, f_divergence_type, beta, label_smoothing, alpha, tau):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r} is not one of: {', '.join(LOSS_TYPES)}")
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of: {', '.join(F_DIVERGENCE_TYPES)}")
-    if f_divergence_type != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSS_TYPES:
+    semantics = LOSS_SEMANTICS[loss_type]
+    if f_divergence_type != "reverse_kl" and not semantics.f_divergence:
         raise ValueError(
             f"f_divergence_type {f_divergence_type!r} needs a loss_type built on the reward margin "
             f"({', '.join(F_DIVERGENCE_LOSS_TYPES)}); loss_type {loss_type!r} only supports 'reverse_kl'"
@@ -192,16 +230,7 @@ def _check_args(logps: dict, lengths: dict, loss_type, f_divergence_type, beta, 
     _check_positive("beta", beta)
     if loss_type == "discopop":
         _check_positive("discopop_tau", tau)
-    if loss_type in LABEL_SMOOTHING_RANGE:
-        low, high, low_inclusive = LABEL_SMOOTHING_RANGE[loss_type]
-        ok = isinstance(label_smoothing, (int, float)) and (
-            (low <= label_smoothing if low_inclusive else low < label_smoothing) and label_smoothing < high
-        )
-        if not ok:
-            interval = f"{'[' if low_inclusive else '('}{low}, {high})"
-            raise ValueError(
-                f"label_smoothing must lie in {interval} for loss_type {loss_type!r}, got {label_smoothing!r}"
-            )
+    check_label_smoothing(loss_type, label_smoothing)
 
     first = "chosen_logps"
     for name, tensor in logps.items():
@@ -210,7 +239,7 @@ def _check_args(logps: dict, lengths: dict, loss_type, f_divergence_type, beta, 
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)}, expected {tuple(logps[first].shape)} (that of {first})"
             )
-    for side in LENGTHS_NEEDED.get(loss_type, ()):
+    for side in semantics.lengths:
         if lengths[f"{side}_lengths"] is None:
             raise ValueError(
                 f"loss_type {loss_type!r} needs {side}_lengths (each {side} completion's token count), got None"
@@ -322,13 +351,15 @@ def dpo_loss(
         raise TypeError(
             "impl='triton' supports float32, bfloat16 and float16 log-probs; got float64 (use impl='torch')"
         )
-    if impl == "torch" or loss_type == "sft":
+    semantics = LOSS_SEMANTICS[loss_type]
+    if impl == "torch" or semantics.kernel_mode is None:
         return dpo_loss_ref(*logps.values(), **options)
 
     c, r, rc, rr = logps.values()
     f_divergence_type = _effective_f_divergence(f_divergence_type, f_alpha_divergence_coef)
-    alpha, tau = float(f_alpha_divergence_coef), float(discopop_tau)
-    if loss_type in ("aot", "aot_unpaired"):
+    eps = float(label_smoothing) if semantics.label_smoothing is not None else 0.0
+    scalars = (float(beta), eps, float(f_alpha_divergence_coef), float(discopop_tau))
+    if semantics.sorts_batch:
         # Sorting pairs the k-th smallest policy quantity with the k-th smallest reference one; torch.sort's backward
         # scatters the kernel's gradients back to the pairs they came from.
         if loss_type == "aot":
@@ -336,11 +367,6 @@ def dpo_loss(
         else:
             x, y = c.float() - rc.float(), r.float() - rr.float()
         x, y = torch.sort(x, dim=0).values, torch.sort(y, dim=0).values
-        return DPOLossFunction.apply(
-            x, y, None, None, None, None, "sigmoid", "reverse_kl", float(beta), float(label_smoothing), alpha, tau
-        )
-    # TRL's sigmoid losses take no label smoothing; the kernels' "sigmoid" would apply it
-    eps = 0.0 if loss_type in ("sigmoid", "sigmoid_norm") else float(label_smoothing)
-    return DPOLossFunction.apply(
-        c, r, rc, rr, chosen_lengths, rejected_lengths, loss_type, f_divergence_type, float(beta), eps, alpha, tau
-    )
+        return DPOLossFunction.apply(x, y, None, None, None, None, semantics.kernel_mode, "reverse_kl", *scalars)
+    lengths = (chosen_lengths, rejected_lengths) if semantics.lengths else (None, None)
+    return DPOLossFunction.apply(c, r, rc, rr, *lengths, semantics.kernel_mode, f_divergence_type, *scalars)

@@ -13,10 +13,22 @@ MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 STD_EPS = 1e-4
 
 
-def _nan_mean_std(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """NaN-ignoring mean and Bessel-corrected std along `dim` (all elements when None), dimension kept.
+def nan_mean_std(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN-ignoring mean and Bessel-corrected std along `dim` (all elements when None), dimensions kept.
 
     Both are NaN without any value; the std is NaN with a single value (no spread can be estimated from one sample).
+    The one NaN-aware std of posttrain: GRPO's advantages and its logged reward_std.
+
+    Args:
+        x: float tensor, NaN where there is no value.
+        dim: the dimension to reduce, or None for all of them.
+
+    Returns:
+        (mean, std) in x's dtype, with size 1 along the reduced dimension(s).
+
+    Example:
+        >>> nan_mean_std(torch.tensor([1.0, float("nan"), 3.0]))
+        (tensor([2.]), tensor([1.4142]))
     """
     dims = tuple(range(x.dim())) if dim is None else (dim,)
     valid = ~torch.isnan(x)
@@ -56,19 +68,19 @@ def grpo_advantages_ref(
     unscorable = torch.isnan(x).all(dim=1)
     if multi_objective_aggregation == "normalize_then_sum":
         per_group = x.view(-1, num_generations, R)
-        mean_k, std_k = _nan_mean_std(per_group, dim=1)
+        mean_k, std_k = nan_mean_std(per_group, dim=1)
         normalized = ((per_group - mean_k) / (std_k + STD_EPS)).view(B, R)
         # a scored completion whose functions all normalize to NaN (one value in its group) still sums to 0
         combined = _nan_weighted_sum(normalized, weights, unscorable)
-        mean, std = _nan_mean_std(combined)
+        mean, std = nan_mean_std(combined)
         advantages = (combined - mean) / (std + STD_EPS)
         std = std.expand(B)
     else:
         combined = _nan_weighted_sum(x, weights, unscorable)
-        group_mean, group_std = _nan_mean_std(combined.view(-1, num_generations), dim=1)
+        group_mean, group_std = nan_mean_std(combined.view(-1, num_generations), dim=1)
         advantages = combined - group_mean.repeat_interleave(num_generations)
         if scale_rewards == "batch":
-            std = _nan_mean_std(combined)[1].expand(B)
+            std = nan_mean_std(combined)[1].expand(B)
         else:
             std = group_std.repeat_interleave(num_generations)
         if scale_rewards != "none":
@@ -173,14 +185,15 @@ def grpo_advantages(
             rewards, num_generations, reward_weights=weights, scale_rewards=scale_rewards,
             multi_objective_aggregation=multi_objective_aggregation, return_std=return_std,
         )  # fmt: skip
+    if weights is None:
+        weights = torch.ones(rewards.shape[1], dtype=torch.float32, device=rewards.device)
+    args = (rewards, weights.contiguous(), num_generations, scale_rewards, normalize_then_sum, return_std)
     if impl == "cuda":
-        from ._cuda import grpo_advantages_cuda as grpo_advantages_fwd
+        from ._cuda import grpo_advantages_cuda
+
+        advantages, std = grpo_advantages_cuda(*args)  # csrc/grpo.cu adds its own copy of STD_EPS (1e-4f)
     else:
         from posttrain.kernels.grpo import grpo_advantages_fwd
 
-    if weights is None:
-        weights = torch.ones(rewards.shape[1], dtype=torch.float32, device=rewards.device)
-    advantages, std = grpo_advantages_fwd(
-        rewards, weights.contiguous(), num_generations, scale_rewards, normalize_then_sum, return_std
-    )
+        advantages, std = grpo_advantages_fwd(*args, STD_EPS)
     return (advantages, std) if return_std else advantages

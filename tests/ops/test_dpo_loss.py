@@ -4,11 +4,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from testing_utils import assert_fa_close
 
-from posttrain.ops.dpo_loss import F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES, dpo_loss, dpo_loss_ref
+from posttrain.ops.dpo_loss import (
+    F_DIVERGENCE_LOSS_TYPES,
+    LOSS_SEMANTICS,
+    LOSS_TYPES,
+    DPOLossFunction,
+    check_label_smoothing,
+    dpo_loss,
+    dpo_loss_ref,
+)
 
 # (f_divergence_type, f_alpha_divergence_coef) variants; alpha on both sides of 1 (the exponent changes sign)
 F_DIVS = {
@@ -520,3 +529,48 @@ def test_exo_pair_at_zero_margin():
             loss = dpo_loss(policy, policy, ref, ref, loss_type="exo_pair", label_smoothing=eps, impl=impl)
             expected = math.log(0.5) - 0.5 * (math.log1p(-eps) + math.log(eps))
             torch.testing.assert_close(loss, torch.full((5,), expected))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The one table of loss semantics
+
+
+def test_every_loss_type_has_a_kernel_mode_or_runs_in_torch():
+    from posttrain.kernels.dpo_loss import KERNEL_MODES
+
+    assert LOSS_TYPES == tuple(LOSS_SEMANTICS)
+    for loss_type, row in LOSS_SEMANTICS.items():
+        assert row.kernel_mode in KERNEL_MODES or (row.kernel_mode is None and loss_type == "sft"), loss_type
+    assert set(KERNEL_MODES) == {row.kernel_mode for row in LOSS_SEMANTICS.values()} - {None}
+
+
+@pytest.mark.parametrize("loss_type", [t for t, row in LOSS_SEMANTICS.items() if row.label_smoothing is not None])
+def test_label_smoothing_range_is_one_check(loss_type):
+    """dpo_loss and DPOConfig accept and reject exactly the table's interval, with the same message."""
+    from posttrain.configs.dpo import DPOConfig
+
+    low, high, low_inclusive = LOSS_SEMANTICS[loss_type].label_smoothing
+    logps, lengths = _good()
+    for value, ok in ((low, low_inclusive), ((low + high) / 2, True), (high, False), (low - 0.1, False)):
+        if ok:
+            dpo_loss(*logps, **lengths, loss_type=loss_type, label_smoothing=value)
+            check_label_smoothing(loss_type, value)
+            continue
+        with pytest.raises(ValueError) as op_error:
+            dpo_loss(*logps, **lengths, loss_type=loss_type, label_smoothing=value)
+        with pytest.raises(ValueError) as config_error:
+            DPOConfig("unused", loss_type=[loss_type], label_smoothing=value, use_cpu=True, report_to=[])
+        assert str(op_error.value) == str(config_error.value)
+        assert f"for loss_type {loss_type!r}, got {value!r}" in str(op_error.value)
+
+
+def test_cdpo_kernel_mode_is_the_smoothed_sigmoid_and_sigmoid_reads_no_smoothing():
+    """The kernels' "cdpo" mode (aot's) applies label smoothing; "sigmoid" ignores it whatever it is given."""
+    logps, _ = _inputs(9)
+    u, v = logps[0] - logps[2], logps[1] - logps[3]
+    z = 0.5 * (u - v)
+    for mode, expected in (("cdpo", 0.7 * F.softplus(-z) + 0.3 * F.softplus(z)), ("sigmoid", F.softplus(-z))):
+        loss = DPOLossFunction.apply(*logps, None, None, mode, "reverse_kl", 0.5, 0.3, 0.5, 0.05)
+        torch.testing.assert_close(loss, expected, msg=mode)
+    with pytest.raises(ValueError, match="mode 'sigmoid_norm' is not one of the kernels'"):
+        DPOLossFunction.apply(*logps, None, None, "sigmoid_norm", "reverse_kl", 0.5, 0.0, 0.5, 0.05)

@@ -10,9 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from posttrain.ops.grpo_loss import GRPOLossMetrics, grpo_loss
+from posttrain.ops.grpo_loss import LOSS_TYPES, GRPOLossMetrics, _zero_masked_for_cuda, grpo_loss
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 LEVELS = ("token", "sequence")
 
 
@@ -234,7 +233,7 @@ def test_metrics_decompose_over_sequences():
         _, whole = grpo_loss(logps, old, advantages, mask, **kw)
         _, first = grpo_loss(logps[:4], old[:4], advantages[:4], mask[:4], **{**kw, "ref_logps": ref[:4]})
         _, second = grpo_loss(logps[4:], old[4:], advantages[4:], mask[4:], **{**kw, "ref_logps": ref[4:]})
-        joined = GRPOLossMetrics(*(torch.cat([a, b]) for a, b in zip(first, second)))
+        joined = GRPOLossMetrics(*(None if a is None else torch.cat([a, b]) for a, b in zip(first, second)))
         for loss_type in ("dapo", "cispo", "sapo"):
             logs, expected = joined.logs(loss_type), whole.logs(loss_type)
             assert logs.keys() == expected.keys()
@@ -242,6 +241,14 @@ def test_metrics_decompose_over_sequences():
                 torch.testing.assert_close(logs[name], expected[name], equal_nan=True, msg=name)
         assert whole.logs("sapo").keys() == {"kl"}
         assert whole.logs("cispo").keys() == {"kl", "cispo_clip_ratio"}
+        _, whole = grpo_loss(logps, old, advantages, mask, loss_type="vespo", **kw)
+        _, first = grpo_loss(logps[:3], old[:3], advantages[:3], mask[:3], loss_type="vespo",
+                             **{**kw, "ref_logps": ref[:3]})  # fmt: skip
+        _, second = grpo_loss(logps[3:], old[3:], advantages[3:], mask[3:], loss_type="vespo",
+                              **{**kw, "ref_logps": ref[3:]})  # fmt: skip
+        joined = GRPOLossMetrics(*(None if a is None else torch.cat([a, b]) for a, b in zip(first, second)))
+        assert whole.logs("vespo").keys() == {"kl", "vespo/phi_seq_mean"}
+        torch.testing.assert_close(joined.logs("vespo")["vespo/phi_seq_mean"], whole.phi.mean())
 
 
 @settings(max_examples=30, deadline=None)
@@ -273,7 +280,11 @@ def test_property_random(B, T, loss_type, level, beta, bias_correction, delta, s
 
 
 # TRL's own loss, run on a stand-in trainer: the model forward is stubbed to return `logps`; one process, no
-# gradient accumulation, no entropy bonus, vLLM or off-policy masking.
+# gradient accumulation, no entropy bonus or off-policy masking; the vLLM importance ratio only when given.
+# Away from GRPOConfig's defaults, so that a swapped positive / negative VESPO parameter shows.
+VESPO = dict(vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=3.5, vespo_lambda_neg=1.2)
+
+
 class _OneProcess:
     num_processes = 1
 
@@ -285,17 +296,19 @@ class _OneProcess:
 
 
 def _trl_loss(logps, old, ref, advantages, mask, *, beta, epsilon_low, epsilon_high, delta, loss_type, level,
-              max_completion_length, bias_correction):  # fmt: skip
+              max_completion_length, bias_correction, vespo=VESPO, is_ratio=None):  # fmt: skip
     grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
     B, T = logps.shape
     fake = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logps, torch.rand(B, T), None),
+        get_gamma_weights=grpo_trainer.GRPOTrainer.get_gamma_weights,
         args=SimpleNamespace(
             use_bias_correction_kl=bias_correction,
             delta=delta,
             sapo_temperature_pos=1.0,
             sapo_temperature_neg=1.05,
             steps_per_generation=1,
+            **vespo,
         ),
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
@@ -304,7 +317,8 @@ def _trl_loss(logps, old, ref, advantages, mask, *, beta, epsilon_low, epsilon_h
         loss_type=loss_type,
         epsilon_low=epsilon_low,
         epsilon_high=epsilon_high,
-        use_vllm=False,
+        use_vllm=is_ratio is not None,
+        vllm_importance_sampling_correction=True,
         model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1,
         max_completion_length=max_completion_length,
@@ -324,6 +338,8 @@ def _trl_loss(logps, old, ref, advantages, mask, *, beta, epsilon_low, epsilon_h
     }
     if ref is not None:
         inputs["ref_per_token_logps"] = ref
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = is_ratio
     loss = grpo_trainer.GRPOTrainer._compute_loss(fake, None, inputs)
     metrics = {name: values[0] for name, values in fake._metrics["train"].items() if name != "entropy"}
     return loss, metrics
@@ -342,15 +358,142 @@ def test_matches_trl(loss_type, level):
     kw = dict(
         ref_logps=ref, beta=options["beta"], epsilon_low=0.2, epsilon_high=0.28, delta=1.4, loss_type=loss_type,
         importance_sampling_level=level, max_completion_length=16, use_bias_correction_kl=options["bias_correction"],
+        **VESPO,
     )  # fmt: skip
+    _assert_matches_trl(logps, old, advantages, mask, kw, loss_trl, grad_trl, metrics_trl)
+
+
+def _assert_matches_trl(logps, old, advantages, mask, kw, loss_trl, grad_trl, metrics_trl):
     for impl in ("torch", "triton"):
         loss, grad, metrics = _run(impl, logps, old, advantages, mask, **kw)
-        torch.testing.assert_close(loss, loss_trl.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grad, grad_trl, rtol=1e-5, atol=1e-7)
-        logs = metrics.logs(loss_type)
+        torch.testing.assert_close(loss, loss_trl.detach(), rtol=1e-5, atol=1e-6, msg=impl)
+        torch.testing.assert_close(grad, grad_trl, rtol=1e-5, atol=1e-7, msg=impl)
+        logs = metrics.logs(kw["loss_type"])
         assert logs.keys() == metrics_trl.keys()
         for name, value in metrics_trl.items():
-            assert logs[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), name
+            assert logs[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (impl, name)
+
+
+@pytest.mark.parametrize("is_shape", ["per_token", "per_sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "vespo"])
+def test_matches_trl_with_vllm_importance_ratio(loss_type, is_shape):
+    """TRL multiplies the policy term by the vLLM importance ratio; vespo folds its log into phi's log w instead."""
+    if loss_type == "vespo" and is_shape == "per_sequence":
+        pytest.skip("TRL 1.16 rejects VESPO with the sequence_* importance-sampling modes")
+    logps, old, ref, advantages, mask = _inputs(6, 11, spread=0.3, mask_dtype=torch.long)
+    # as TRL builds it: exp((old - sampler) * mask), so exactly 1 on masked-out tokens
+    ratio = torch.exp(0.4 * torch.randn(6, 11) * mask)
+    ratio = ratio if is_shape == "per_token" else ratio.prod(dim=1, keepdim=True)
+    options = dict(beta=0.05, epsilon_low=0.2, epsilon_high=0.28, delta=None, bias_correction=True)
+    leaf = logps.clone().requires_grad_()
+    loss_trl, metrics_trl = _trl_loss(leaf, old, ref, advantages, mask, loss_type=loss_type, level="token",
+                                      max_completion_length=16, is_ratio=ratio, **options)  # fmt: skip
+    (grad_trl,) = torch.autograd.grad(loss_trl, leaf)
+    kw = dict(
+        ref_logps=ref, beta=0.05, epsilon_high=0.28, loss_type=loss_type, importance_sampling_ratio=ratio, **VESPO
+    )
+    _assert_matches_trl(logps, old, advantages, mask, kw, loss_trl, grad_trl, metrics_trl)
+    without = grpo_loss(logps, old, advantages, mask, **{**kw, "importance_sampling_ratio": None})
+    assert not torch.allclose(without, loss_trl.detach())
+
+
+def test_vespo_weight_against_a_loop():
+    """phi per sequence from its definition, one sequence and one token at a time in float64."""
+    logps, old, _, advantages, mask = _inputs(7, 9, spread=0.6)
+    mask[0] = False  # w = 1: phi = e^lam e^-lam = 1
+    old[2] = logps[2] - 3.0  # a large ratio: phi underflows towards 0
+    is_ratio = torch.exp(0.3 * torch.randn(7, 9))
+    _, metrics = grpo_loss(logps, old, advantages, mask, loss_type="vespo", importance_sampling_ratio=is_ratio,
+                           return_metrics=True, impl="triton", **VESPO)  # fmt: skip
+    for b in range(7):
+        log_w = 0.0
+        for t in range(9):
+            if mask[b, t]:
+                log_w += min(max(float(logps[b, t]) - float(old[b, t]), -20.0), 20.0)
+                log_w += min(max(math.log(float(is_ratio[b, t])), math.log(1e-8)), 20.0)
+        log_w = min(max(log_w, math.log(1e-8)), 20.0)
+        k, lam = (1.5, 2.5) if advantages[b] >= 0 else (3.5, 1.2)
+        phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
+        assert metrics.phi[b].item() == pytest.approx(phi, rel=1e-4, abs=1e-30), b  # float32 log-space
+    assert metrics.phi[0].item() == pytest.approx(1.0)
+    # the gradient is -phi * A * mask / num_items, phi held constant
+    leaf = logps.clone().requires_grad_()
+    loss = grpo_loss(leaf, old, advantages, mask, loss_type="vespo", importance_sampling_ratio=is_ratio, **VESPO)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    expected = -(metrics.phi * advantages)[:, None] * mask / mask.sum()
+    torch.testing.assert_close(grad, expected)
+
+
+def test_vespo_nan_ratio_gives_a_zero_weight():
+    """A NaN old log-prob on an unmasked token makes that sequence's w NaN: TRL's phi is then 0 (nan_to_num), so the
+    sequence drops out of the policy term instead of poisoning the loss; every impl agrees with TRL."""
+    logps, old, _, advantages, mask = _inputs(6, 11, spread=0.3, mask_dtype=torch.long)
+    old[3, 0] = math.nan  # mask[:, 0] is always set
+    leaf = logps.clone().requires_grad_()
+    loss_trl, metrics_trl = _trl_loss(leaf, old, None, advantages, mask, beta=0.0, epsilon_low=0.2, epsilon_high=0.2,
+                                      delta=None, loss_type="vespo", level="token", max_completion_length=16,
+                                      bias_correction=True)  # fmt: skip
+    (grad_trl,) = torch.autograd.grad(loss_trl, leaf)
+    assert torch.isfinite(loss_trl) and (grad_trl[3] == 0).all()
+    _assert_matches_trl(logps, old, advantages, mask, dict(loss_type="vespo", **VESPO), loss_trl, grad_trl, metrics_trl)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_masked_tokens_holding_nan_or_inf_do_not_contribute(loss_type, level):
+    """Issue 13: NaN / inf where the mask is 0 (in logps, old, ref, policy weights, importance ratio) change nothing:
+    every impl selects masked tokens away instead of multiplying them by 0."""
+    logps, old, ref, advantages, mask = _inputs(6, 13, spread=0.5)
+    weights, is_ratio = torch.rand(6, 13) + 0.5, torch.exp(0.2 * torch.randn(6, 13))
+    poisoned = [t.clone() for t in (logps, old, ref, weights, is_ratio)]
+    values = torch.tensor([math.nan, math.inf, -math.inf])
+    for t in poisoned:
+        t[~mask] = values[torch.randint(0, 3, (int((~mask).sum()),))]
+    kw = dict(beta=0.1, loss_type=loss_type, importance_sampling_level=level, max_completion_length=16, delta=2.0)
+    for impl in ("torch", "triton"):
+        results = []
+        for lp, o, r, w, i in ((logps, old, ref, weights, is_ratio), poisoned):
+            results.append(_run(impl, lp, o, advantages, mask, ref_logps=r, policy_weights=w,
+                                importance_sampling_ratio=i, **kw))  # fmt: skip
+        (loss, grad, metrics), (clean_loss, clean_grad, clean_metrics) = results
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), impl
+        torch.testing.assert_close(loss, clean_loss, rtol=0, atol=0, msg=impl)
+        torch.testing.assert_close(grad, clean_grad, rtol=0, atol=0, msg=impl)
+        assert (grad[~mask] == 0).all()
+        _assert_metrics_equal(metrics, clean_metrics)
+
+
+def test_cuda_inputs_are_zeroed_where_masked():
+    # csrc multiplies by the mask, so the op hands it inputs that hold 0 where the mask is 0
+    logps, _, _, _, mask = _inputs(4, 6)
+    logps[~mask] = math.nan
+    row_weights = torch.tensor([[math.nan], [2.0], [math.inf], [3.0]])
+    mask[2] = False  # rows 1 and 2 are fully masked: their per-sequence weights go too
+    zeroed, absent, row = _zero_masked_for_cuda(mask, logps, None, row_weights)
+    assert absent is None
+    torch.testing.assert_close(zeroed, torch.where(mask, logps, 0.0))
+    torch.testing.assert_close(row, torch.tensor([[math.nan], [0.0], [0.0], [3.0]]), equal_nan=True)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_chunks_of_sequences_sum_to_the_batch_loss(loss_type):
+    """With the batch's num_items and num_sequences, a chunk's loss is its share: the chunks add up (what the fused
+    linear loss needs), values and gradients."""
+    logps, old, ref, advantages, mask = _inputs(9, 13, spread=0.4)
+    kw = dict(
+        ref_logps=ref, beta=0.05, loss_type=loss_type, max_completion_length=16, importance_sampling_level="sequence"
+    )
+    whole, grad_whole, _ = _run("triton", logps, old, advantages, mask, **kw)
+    leaf = logps.clone().requires_grad_()
+    total = 0.0
+    for rows in (slice(0, 2), slice(2, 7), slice(7, 9)):
+        total = total + grpo_loss(
+            leaf[rows], old[rows], advantages[rows], mask[rows], **{**kw, "ref_logps": ref[rows]},
+            num_items=mask.sum().float(), num_sequences=9, impl="triton",
+        )  # fmt: skip
+    (grad,) = torch.autograd.grad(total, leaf)
+    torch.testing.assert_close(total, whole)
+    torch.testing.assert_close(grad, grad_whole)
 
 
 def test_bad_inputs():
@@ -363,6 +506,14 @@ def test_bad_inputs():
         (dict(ref_logps=ref[:, :3], beta=0.1), ValueError, "ref_logps has shape \\(4, 3\\), expected \\(4, 5\\)"),
         (dict(epsilon_high=math.nan), ValueError, "epsilon_high must be a finite number, got nan"),
         (dict(sapo_temperature_neg=0.0), ValueError, "sapo_temperature_neg must be > 0, got 0.0"),
+        (dict(beta=-0.1, ref_logps=ref), ValueError, "beta must be >= 0, got -0.1"),
+        (dict(vespo_lambda_neg=math.inf), ValueError, "vespo_lambda_neg must be a finite number, got inf"),
+        (dict(num_sequences=0), ValueError, "num_sequences must be > 0, got 0"),
+        (
+            dict(importance_sampling_ratio=torch.ones(4, 2)),
+            ValueError,
+            "importance_sampling_ratio has shape \\(4, 2\\), expected \\(4, 5\\) or \\(4, 1\\)",
+        ),
         (dict(impl="cudnn"), ValueError, "impl 'cudnn' is not one of: auto, triton, cuda, torch"),
     ]
     for kwargs, error, message in cases:
@@ -378,3 +529,29 @@ def test_bad_inputs():
         grpo_loss(logps.flatten(), None, advantages, mask.flatten())
     with pytest.raises(TypeError, match="logps must be float32"):
         grpo_loss(logps.long(), old, advantages, mask)
+
+
+def test_grpo_config_shares_the_ops_constants_and_checks():
+    """GRPOConfig validates with the ops' own tuples (vespo included), and rejects a negative or non-finite beta as
+    grpo_loss does (TRL 1.16 accepts it: a negative KL coefficient silently pushes the policy away from the
+    reference); vespo with vLLM's sequence-level importance sampling is TRL's error, raised up front."""
+    import importlib
+
+    grpo_config = importlib.import_module("posttrain.configs.grpo")
+    # (posttrain.ops exports functions named like their modules)
+    advantages_op = importlib.import_module("posttrain.ops.grpo_advantages")
+    loss_op = importlib.import_module("posttrain.ops.grpo_loss")
+
+    assert grpo_config.LOSS_TYPES is loss_op.LOSS_TYPES and "vespo" in loss_op.LOSS_TYPES
+    assert grpo_config.IMPORTANCE_SAMPLING_LEVELS is loss_op.IMPORTANCE_SAMPLING_LEVELS
+    assert grpo_config.SCALE_REWARDS is advantages_op.SCALE_REWARDS
+    assert grpo_config.MULTI_OBJECTIVE_AGGREGATIONS is advantages_op.MULTI_OBJECTIVE_AGGREGATIONS
+    common = dict(output_dir="unused", per_device_train_batch_size=8, use_cpu=True, report_to=[])
+    for beta in (-0.04, math.nan, math.inf):
+        with pytest.raises(ValueError, match=rf"beta must be a finite number >= 0 .*got {beta!r}"):
+            grpo_config.GRPOConfig(beta=beta, **common)
+    args = grpo_config.GRPOConfig(beta=0.0, loss_type="vespo", vespo_k_pos=1.5, **common)
+    assert (args.vespo_k_pos, args.vespo_lambda_pos, args.vespo_k_neg, args.vespo_lambda_neg) == (1.5, 3.0, 3.0, 2.0)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode must be 'token_truncate' or 'token_mask'"):
+        grpo_config.GRPOConfig(loss_type="vespo", use_vllm=True, **common)
+    grpo_config.GRPOConfig(loss_type="vespo", use_vllm=True, vllm_importance_sampling_mode="token_mask", **common)
