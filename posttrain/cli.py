@@ -5,8 +5,9 @@
     posttrain quickstart                                                # SFT then GRPO on the built-in task
 
 `sft`, `dpo` and `grpo` take every field of their config (SFTConfig, DPOConfig, GRPOConfig: TrainingArguments and
-TRL's options) plus the script fields of `trl sft|dpo|grpo` (model_name_or_path, dataset_name, ...). A bad invocation
-(an unknown field, a value of the wrong type, a model or dataset that does not exist) is reported as one line on
+TRL's options) plus the script fields of `trl sft|dpo|grpo` (model_name_or_path, dataset_name, ...) and its
+bitsandbytes flags (--load_in_4bit, ... with --use_peft: QLoRA). A bad invocation (an unknown field, a value of the
+wrong type, a model or dataset that does not exist, a data file that cannot be read) is reported as one line on
 stderr with exit code 2.
 """
 
@@ -14,6 +15,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -33,12 +35,11 @@ TRL_SOFT_OVERLONG = ("get_soft_overlong_punishment", {"max_completion_len": 1280
 
 _LORA_HELP = "LoRA flags (use_peft, lora_r, ...) need peft: pip install 'posttrain[peft]'"
 # Fields of TRL's CLI that posttrain's does not take, and why: named in the error instead of "unknown field"
-_NOT_SUPPORTED = {
-    **dict.fromkeys(("datasets", "streaming", "test_split_size"),
-                    "dataset mixtures are not supported by posttrain's CLI: give one dataset with dataset_name"),
-    **dict.fromkeys(("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
-                     "bnb_4bit_quant_storage"), "bitsandbytes quantization is not supported by posttrain's CLI"),
-}  # fmt: skip
+_NOT_SUPPORTED = dict.fromkeys(
+    ("datasets", "streaming", "test_split_size"),
+    "dataset mixtures are not supported by posttrain's CLI: give one dataset with dataset_name",
+)
+_QUANTIZATION_4BIT_FIELDS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
 
 TOP_HELP = f"""usage: posttrain {{{",".join(COMMANDS)}}} [options]
 
@@ -56,6 +57,16 @@ commands:
 
 class CLIError(Exception):
     """A bad invocation: reported as one line on stderr, with exit code 2."""
+
+
+def require_module(module: str, feature: str, install: str) -> None:
+    """Raise CLIError (`feature` needs `module`: pip install `install`) when an optional dependency is missing.
+
+    Example:
+        >>> require_module("bitsandbytes", "--load_in_4bit", "posttrain[qlora]")
+    """
+    if importlib.util.find_spec(module) is None:
+        raise CLIError(f"{feature} needs {module}, which is not installed: pip install '{install}'")
 
 
 @dataclasses.dataclass
@@ -117,6 +128,51 @@ class ModelArguments:
     attn_implementation: str | None = dataclasses.field(
         default=None, metadata={"help": "The attention implementation, e.g. sdpa or flash_attention_2."}
     )
+    load_in_8bit: bool = dataclasses.field(
+        default=False, metadata={"help": "Load the base model quantized to 8 bits (bitsandbytes); needs --use_peft."}
+    )
+    load_in_4bit: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Load the base model quantized to 4 bits (bitsandbytes; QLoRA with --use_peft, which it "
+                  "needs). Its compute dtype is --dtype (float32 for auto)."},
+    )  # fmt: skip
+    bnb_4bit_quant_type: str = dataclasses.field(
+        default="nf4", metadata={"help": "The 4-bit data type.", "choices": ["fp4", "nf4"]}
+    )
+    use_bnb_nested_quant: bool = dataclasses.field(
+        default=False, metadata={"help": "Quantize the 4-bit quantization constants too (double quantization)."}
+    )
+    bnb_4bit_quant_storage: str | None = dataclasses.field(
+        default=None, metadata={"help": "The dtype the packed 4-bit weights are stored in (default uint8)."}
+    )
+
+    def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
+
+    def quantization_config(self):
+        """The transformers BitsAndBytesConfig these fields describe (as TRL's get_quantization_config), or None
+        without --load_in_4bit / --load_in_8bit (warning then about 4-bit flags given without effect)."""
+        changed = [f.name for f in dataclasses.fields(self) if f.name in _QUANTIZATION_4BIT_FIELDS
+                   and getattr(self, f.name) != f.default]  # fmt: skip
+        if not self.load_in_4bit:
+            _warn_unused(bool(changed), ", ".join(changed), "these flags take effect with --load_in_4bit")
+        if not (self.load_in_4bit or self.load_in_8bit):
+            return None
+        flag = "--load_in_4bit" if self.load_in_4bit else "--load_in_8bit"
+        require_module("bitsandbytes", flag, "posttrain[qlora]")
+        from transformers import BitsAndBytesConfig
+
+        if self.load_in_8bit:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        try:
+            return BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=None if self.dtype in (None, "auto") else self.dtype,
+                bnb_4bit_quant_type=self.bnb_4bit_quant_type, bnb_4bit_use_double_quant=self.use_bnb_nested_quant,
+                bnb_4bit_quant_storage=self.bnb_4bit_quant_storage,
+            )  # fmt: skip
+        except ValueError as err:  # the one free-form field: the storage dtype
+            raise CLIError(f"--bnb_4bit_quant_storage {self.bnb_4bit_quant_storage!r}: {_one_line(err)}") from None
 
 
 @dataclasses.dataclass
@@ -381,15 +437,20 @@ def _one_line(err: Exception) -> str:
 def run_training(command: str, argv: list[str]) -> int:
     """`posttrain sft|dpo|grpo ...`: parse, load the model and the data, train, save to output_dir."""
     script, config, model_args, *lora = parse_training_args(command, argv)
+    peft_config = lora[0].peft_config() if lora else None
+    quantization = model_args.quantization_config()
+    if quantization is not None and peft_config is None:
+        flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+        raise CLIError(f"{flag} needs --use_peft: a quantized model is not trained itself, LoRA adapters on it are")
     dataset = load_training_dataset(command, script)
     train_dataset, eval_dataset = _select_splits(dataset, script, config)
-    model, processing_class = _resolve_model(model_args, config)
+    model, processing_class = _resolve_model(model_args, config, quantization)
     extra = {"reward_funcs": _reward_funcs(script, config)} if command == "grpo" else {}
     _, trainer_class = _trainer_classes(command)
     try:
         trainer = trainer_class(
             model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, peft_config=lora[0].peft_config() if lora else None, **extra,
+            processing_class=processing_class, peft_config=peft_config, **extra,
         )  # fmt: skip
     except (ValueError, NotImplementedError, ImportError, OSError) as err:
         raise CLIError(_one_line(err)) from None
@@ -429,7 +490,7 @@ def load_training_dataset(command: str, script: ScriptArguments):
     try:
         if path.is_file():
             _warn_unused(script.dataset_config is not None, "dataset_config", "a data file has no configurations")
-            return datasets.load_dataset(_file_builder(path), data_files=str(path), streaming=script.dataset_streaming)
+            return _load_data_file(path, script.dataset_streaming)
         if path.is_dir() and _is_saved_dataset(path):
             _warn_unused(script.dataset_config is not None, "dataset_config", "a saved dataset has no configurations")
             loaded = datasets.load_from_disk(str(path))
@@ -441,6 +502,52 @@ def load_training_dataset(command: str, script: ScriptArguments):
                                      streaming=script.dataset_streaming)  # fmt: skip
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
         raise CLIError(f"dataset_name {name!r}: could not load it: {_one_line(err)}") from None
+
+
+def _load_data_file(path: Path, streaming: bool):
+    """load_dataset of one data file; a file it cannot read (empty, binary, malformed) is a CLIError naming the file,
+    and the line where one line is at fault."""
+    import datasets
+    import pyarrow
+
+    builder = _file_builder(path)
+    if path.stat().st_size == 0:
+        raise CLIError(f"dataset_name {str(path)!r}: the file is empty")
+    try:
+        loaded = datasets.load_dataset(builder, data_files=str(path), streaming=streaming)
+        if streaming:
+            next(iter(loaded["train"]))  # a stream reads nothing until iterated: read its first row now
+        return loaded
+    except (StopIteration, ValueError, UnicodeDecodeError, pyarrow.ArrowException,
+            datasets.exceptions.DatasetGenerationError) as err:  # fmt: skip
+        problem = _json_problem(path) if builder == "json" else None
+        problem = problem or _one_line(err.__cause__ or err) or "no rows could be read from it"
+        raise CLIError(f"dataset_name {str(path)!r}: {problem}") from None
+
+
+def _json_problem(path: Path) -> str | None:
+    """What keeps a .json / .jsonl file from loading, found by reading it line by line (after load_dataset failed):
+    the first line that is not UTF-8 text or not a JSON object, or no row at all. None when the lines look fine, or
+    when a .json file may be one JSON document spread over lines."""
+    rows = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                return f"line {number} is not UTF-8 text (a binary file?)"
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                if rows == 0 and path.suffix.lower() == ".json":
+                    return None
+                return f"line {number} is not valid JSON: {err.msg} (column {err.colno})"
+            if not isinstance(row, dict):
+                return f"line {number} is a JSON {type(row).__name__}, not an object of column values"
+            rows += 1
+    return None if rows else "the file has no rows (only blank lines)"
 
 
 def _file_builder(path: Path) -> str:
@@ -485,22 +592,36 @@ def _select_splits(dataset, script: ScriptArguments, config):
     return dataset[script.dataset_train_split], dataset[script.dataset_test_split]
 
 
-def _resolve_model(model_args: ModelArguments, config):
-    """(model, processing_class) for the trainer: a name with the loading options put into config.model_init_kwargs
-    (as `trl` does), or the built-in quickstart model and its tokenizer when no model is named."""
+def _resolve_model(model_args: ModelArguments, config, quantization=None):
+    """(model, processing_class) for the trainer: a name with the loading options (and `quantization`, a
+    BitsAndBytesConfig) put into config.model_init_kwargs (as `trl` does), or the built-in quickstart model and its
+    tokenizer when no model is named."""
     name = model_args.model_name_or_path
     if name is None:
+        if quantization is not None:
+            raise CLIError("quantization (--load_in_4bit / --load_in_8bit) needs --model_name_or_path: the built-in "
+                           "model is built in code, not loaded")  # fmt: skip
         return _preset_model(model_args, config)
-    if not Path(name).expanduser().exists() and _looks_like_path(name):
+    path = Path(name).expanduser()
+    if not path.exists() and _looks_like_path(name):
         raise CLIError(f"model_name_or_path {name!r}: no such directory")
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"model_name_or_path {name!r}: not a directory (a model is a directory with its config.json)")
     loading = {
         "revision": model_args.model_revision,
         "trust_remote_code": config.trust_remote_code,
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
     }
-    config.model_init_kwargs = {**loading, **(config.model_init_kwargs or {})}
-    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name, None
+    user_kwargs = config.model_init_kwargs or {}
+    if quantization is not None:
+        if "quantization_config" in user_kwargs:
+            raise CLIError(
+                "quantization_config is given both in model_init_kwargs and by --load_in_4bit/--load_in_8bit"
+            )
+        loading["quantization_config"] = quantization
+    config.model_init_kwargs = {**loading, **user_kwargs}
+    return str(path) if path.exists() else name, None
 
 
 def _preset_model(model_args: ModelArguments, config):

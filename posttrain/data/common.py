@@ -14,11 +14,21 @@ def is_conversational(example: dict) -> bool:
         >>> is_conversational({"text": "2+2=4"})
         False
     """
-    for key in CONVERSATIONAL_KEYS:
-        value = example.get(key)
-        if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
-            return True
-    return False
+    return bool(conversation_keys(example, CONVERSATIONAL_KEYS))
+
+
+def conversation_keys(example: dict, keys) -> list[str]:
+    """The keys among `keys` (in their order) under which `example` holds chat messages.
+
+    Example:
+        >>> conversation_keys({"prompt": "2+2=", "chosen": [{"role": "assistant", "content": "4"}]}, ("prompt", "chosen"))
+        ['chosen']
+    """
+    return [key for key in keys if _is_messages(example.get(key))]
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
 
 
 def pad(

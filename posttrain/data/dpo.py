@@ -10,11 +10,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, IterableDataset
 from transformers.utils import logging
 
-from .common import common_prefix_length, is_conversational, pad
+from .common import common_prefix_length, conversation_keys, is_conversational, pad
 
 logger = logging.get_logger(__name__)
 
@@ -102,13 +104,33 @@ def _check_columns(example: dict, dataset_name: str) -> None:
         )
 
 
-def _prepare_row(example: dict, index: int, tokenizer, extract: bool, eos_token: str | None, dataset_name: str):
+def _is_chat_row(example: dict, index: int, dataset_name: str) -> bool:
+    """Whether the row's prompt / chosen / rejected are chat messages; a ValueError when some are and others are
+    text (a plain prompt cannot be followed by chat-message completions, nor the other way round)."""
+    if "prompt" in example and example["prompt"] is None:
+        raise ValueError(f"{dataset_name} dataset row {index}: the 'prompt' is None")
+    present = [key for key in ("prompt", *REQUIRED_COLUMNS) if key in example]
+    chat = conversation_keys(example, present)
+    if chat and len(chat) < len(present):
+        text = [key for key in present if key not in chat]
+        raise ValueError(
+            f"{dataset_name} dataset row {index}: {', '.join(map(repr, chat))} "
+            f"{'is a list' if len(chat) == 1 else 'are lists'} of chat messages but {', '.join(map(repr, text))} "
+            f"{'is' if len(text) == 1 else 'are'} {type(example[text[0]]).__name__}: the formats must match (all text, "
+            "or all chat messages)"
+        )
+    return bool(chat)
+
+
+def _prepare_row(example: dict, index: int, tokenizer, extract: bool, dataset_name: str):
     for key in REQUIRED_COLUMNS:
         if not example[key]:
             raise ValueError(f"{dataset_name} dataset row {index}: the {key!r} completion is empty ({example[key]!r})")
+    chat = _is_chat_row(example, index, dataset_name)
     if extract:
         example = {**example, **extract_prompt(example)}
-    if eos_token is not None:
+    eos_token = tokenizer.eos_token
+    if not chat and eos_token is not None:
         example = {
             **example,
             **{key: example[key] if example[key].endswith(eos_token) else example[key] + eos_token
@@ -141,9 +163,10 @@ def prepare_preference_dataset(
     with it); conversations go through the chat template. A dataset that already has the three *_ids columns is only
     filtered. With max_length and truncation_mode="keep_start", rows whose prompt alone has >= max_length tokens would
     keep no completion token: they are dropped with a warning that counts them (the collators truncate the rest).
+    Rows whose chosen and rejected completions are the same tokens are kept, with a warning that counts them.
 
-    Raises ValueError for a missing chosen/rejected column, an empty completion (naming the row), and a dataset left
-    empty by the drop.
+    Raises ValueError for a missing chosen/rejected column, an empty completion or a None prompt, a row mixing text
+    and chat messages (each naming the row), and a dataset left empty by the drop.
 
     Example:
         >>> ds = Dataset.from_dict({"prompt": ["2+2="], "chosen": ["4"], "rejected": ["5"]})
@@ -157,17 +180,57 @@ def prepare_preference_dataset(
         raise ValueError(f"the {dataset_name} dataset is empty")
     _check_columns(first, dataset_name)
     if not all(key in first for key in TOKENIZED_COLUMNS):
-        conversational = is_conversational({key: first[key] for key in ("prompt", *REQUIRED_COLUMNS) if key in first})
-        fn_kwargs = dict(
-            tokenizer=tokenizer, extract="prompt" not in first, dataset_name=dataset_name,
-            eos_token=None if conversational else tokenizer.eos_token,
-        )  # fmt: skip
+        fn_kwargs = {"tokenizer": tokenizer, "extract": "prompt" not in first, "dataset_name": dataset_name}
         if is_map_style:
             map_kwargs["desc"] = f"Tokenizing the {dataset_name} dataset"
         dataset = dataset.map(_prepare_row, with_indices=True, fn_kwargs=fn_kwargs, **map_kwargs)
     if max_length is not None and truncation_mode == "keep_start":
         dataset = _drop_fully_truncated(dataset, max_length, dataset_name, map_kwargs)
+    return _warn_identical_pairs(dataset, dataset_name)
+
+
+def _warn_identical_pairs(dataset, dataset_name: str):
+    """Warn about rows whose chosen and rejected completions are the same tokens: their loss is a constant (log 2 for
+    sigmoid) with no gradient, so they dilute the batch and teach nothing."""
+    if not isinstance(dataset, Dataset):
+        return dataset.filter(_warn_if_identical, fn_kwargs={"dataset_name": dataset_name})
+    table = dataset.with_format("arrow").select_columns(["chosen_ids", "rejected_ids"])[:]
+    count = count_identical_lists(table["chosen_ids"], table["rejected_ids"])
+    if count:
+        warnings.warn(
+            f"{count} of {len(dataset)} rows of the {dataset_name} dataset have the same chosen and rejected "
+            "completion: they carry no preference (their loss is a constant with no gradient)",
+            stacklevel=3,
+        )
     return dataset
+
+
+def _warn_if_identical(example: dict, dataset_name: str) -> bool:
+    # A streamed dataset cannot be counted up front: a row warns as it streams by (shown once)
+    if example["chosen_ids"] == example["rejected_ids"]:
+        warnings.warn(
+            f"a row of the {dataset_name} dataset has the same chosen and rejected completion: it carries no "
+            "preference (its loss is a constant with no gradient)",
+            stacklevel=2,
+        )
+    return True
+
+
+def count_identical_lists(a: pa.ChunkedArray | pa.Array, b: pa.ChunkedArray | pa.Array) -> int:
+    """How many rows of two list columns of the same length hold equal lists, computed in Arrow (no Python lists).
+
+    Example:
+        >>> count_identical_lists(pa.array([[1, 2], [3], []]), pa.array([[1, 2], [4], []]))
+        2
+    """
+    if isinstance(a, pa.ChunkedArray):
+        a, b = a.combine_chunks(), b.combine_chunks()
+    same_length = pc.equal(pc.list_value_length(a), pc.list_value_length(b))
+    a, b = pc.filter(a, same_length), pc.filter(b, same_length)
+    # equal lengths row by row: the flattened values line up, and a row differs where one of its values does
+    differs = pc.invert(pc.equal(pc.list_flatten(a), pc.list_flatten(b)))
+    differing_rows = pc.count_distinct(pc.filter(pc.list_parent_indices(a), differs)).as_py()
+    return len(a) - differing_rows
 
 
 def _drop_fully_truncated(dataset, max_length: int, dataset_name: str, map_kwargs: dict):

@@ -63,9 +63,18 @@ class RepeatSampler(Sampler[int]):
 
 
 def check_prompt_dataset(dataset, name: str, prompts_needed: int) -> None:
-    """Fail early on a dataset GRPO cannot train on: not a datasets.Dataset, no "prompt" column, or fewer rows than
-    one generation batch needs (`prompts_needed`), which would make the sampler yield nothing."""
+    """Fail early on a dataset GRPO cannot train on: not a datasets.Dataset, no "prompt" column, a column named like
+    an argument of the reward functions (posttrain.rewards.scoring.RESERVED_COLUMNS), an empty or None prompt (naming
+    its row), or fewer rows than one generation batch needs (`prompts_needed`), which would make the sampler yield
+    nothing.
+
+    Example:
+        >>> check_prompt_dataset(Dataset.from_dict({"prompt": ["1+1=", ""]}), "train_dataset", 1)
+        ValueError: train_dataset row 1: the prompt is empty (''): there is nothing to generate from ...
+    """
     from datasets import Dataset, IterableDataset
+
+    from posttrain.rewards.scoring import check_reward_columns
 
     if isinstance(dataset, IterableDataset):
         raise NotImplementedError(
@@ -76,6 +85,7 @@ def check_prompt_dataset(dataset, name: str, prompts_needed: int) -> None:
         raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}")
     if "prompt" not in dataset.column_names:
         raise ValueError(f"{name} has no 'prompt' column (columns: {', '.join(dataset.column_names) or 'none'})")
+    check_reward_columns(dataset.column_names, name)
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty: GRPO needs at least one prompt")
     if len(dataset) < prompts_needed:
@@ -83,6 +93,29 @@ def check_prompt_dataset(dataset, name: str, prompts_needed: int) -> None:
             f"{name} has {len(dataset)} prompts, fewer than the {prompts_needed} one generation batch draws "
             "(generation_batch_size / num_generations): no batch could be formed"
         )
+    row = _first_empty_prompt(dataset)
+    if row is not None:
+        prompt = dataset[row]["prompt"]
+        raise ValueError(
+            f"{name} row {row}: the prompt is {'None' if prompt is None else f'empty ({prompt!r})'}: there is nothing "
+            "to generate from (a tokenizer without a BOS token gives it no token at all)"
+        )
+
+
+def _first_empty_prompt(dataset) -> int | None:
+    """The index of the first prompt that is None, "" or an empty list of messages (computed in Arrow), or None."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    prompts = dataset.with_format("arrow")["prompt"]
+    if pa.types.is_string(prompts.type) or pa.types.is_large_string(prompts.type):
+        lengths = pc.utf8_length(prompts)
+    elif pa.types.is_list(prompts.type) or pa.types.is_large_list(prompts.type):
+        lengths = pc.list_value_length(prompts)
+    else:
+        return None  # another type fails in tokenize_prompts, with the value shown
+    index = pc.index(pc.fill_null(lengths, 0), 0).as_py()
+    return None if index < 0 else index
 
 
 def tokenize_prompts(processing_class, prompts: list, chat_template_kwargs: dict | None = None) -> list[list[int]]:

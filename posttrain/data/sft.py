@@ -16,34 +16,30 @@ Every prepared example holds "input_ids" and "labels" (-100 on tokens out of the
 
 import json
 import os
-import re
 import warnings
 
+import pyarrow.compute as pc
 from datasets import Dataset
 from transformers import AddedToken, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .common import common_prefix_length, is_conversational
+from .chat_templates import training_chat_template
+from .common import common_prefix_length, conversation_keys, is_conversational
 from .packing import pack_dataset
 
-_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _MASK_COLUMNS = ("completion_mask", "assistant_masks")
+_CHAT_COLUMNS = ("messages", "conversations")
 
 
-def has_generation_markers(chat_template: str | dict | None) -> bool:
-    """Whether a chat template marks assistant output with {% generation %} (what assistant_only_loss needs).
+def check_assistant_only_loss(
+    example: dict, tokenizer: PreTrainedTokenizerBase, dataset_text_field: str = "text"
+) -> str | None:
+    """Check that assistant_only_loss can work, and return the chat template the data are tokenized with (None: the
+    tokenizer's own).
 
-    Example:
-        >>> has_generation_markers("{% generation %}{{ m }}{% endgeneration %}")
-        True
-    """
-    if isinstance(chat_template, dict):
-        chat_template = chat_template.get("default")
-    return chat_template is not None and _GENERATION_MARKER.search(chat_template) is not None
-
-
-def check_assistant_only_loss(example: dict, tokenizer: PreTrainedTokenizerBase, dataset_text_field: str = "text"):
-    """Raise unless assistant_only_loss can work: a conversational dataset (`example` is its first row) and a chat
-    template with {% generation %} markers. Warns when the markers leave out the assistant's end-of-turn token.
+    It needs a conversational dataset (`example` is its first row) and a chat template with {% generation %} markers:
+    the tokenizer's own, or for a known template without them, the marked version that renders the same text (see
+    posttrain.data.chat_templates; the tokenizer keeps its template). Raises ValueError otherwise. Warns when the
+    markers leave out the assistant's end-of-turn token.
 
     Example:
         >>> check_assistant_only_loss({"text": "2+2=4"}, tokenizer)
@@ -51,26 +47,35 @@ def check_assistant_only_loss(example: dict, tokenizer: PreTrainedTokenizerBase,
     """
     if not _is_chat(dataset_format(example, dataset_text_field), example):
         raise ValueError("assistant_only_loss=True needs a conversational dataset (lists of chat messages)")
-    if not has_generation_markers(tokenizer.chat_template):
-        raise ValueError(
-            "assistant_only_loss=True needs a chat template that wraps assistant turns in {% generation %} ... "
-            "{% endgeneration %}, and the processing class's chat template has no such markers. Add them to the template "
-            "(or pass one with chat_template_path), or set assistant_only_loss=False."
-        )
-    if not is_stop_token_trained(tokenizer):
+    chat_template = training_chat_template(tokenizer.chat_template)
+    if not is_stop_token_trained(tokenizer, chat_template):
         warnings.warn(
             "The chat template leaves the assistant's end-of-turn token out of the assistant mask, so with "
             "assistant_only_loss the model never learns to stop; move it inside {% generation %} ... {% endgeneration %}",
             stacklevel=4,
         )
+    return chat_template
 
 
-def _is_chat(kind: str, example: dict) -> bool:
-    return kind == "messages" or (kind == "prompt_completion" and is_conversational(example))
+def _is_chat(kind: str, example: dict, name: str = "train") -> bool:
+    return kind == "messages" or (kind == "prompt_completion" and _is_chat_prompt_completion(example, 0, name))
 
 
-def is_stop_token_trained(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether the assistant mask of the chat template covers the token that ends an assistant turn.
+def _is_chat_prompt_completion(example: dict, index: int = 0, name: str = "train") -> bool:
+    chat = conversation_keys(example, ("prompt", "completion"))
+    if chat and len(chat) < 2:
+        text = "completion" if chat == ["prompt"] else "prompt"
+        raise ValueError(
+            f"{name} dataset row {index}: the {chat[0]!r} is a list of chat messages but the {text!r} is "
+            f"{type(example[text]).__name__} {example[text]!r:.60}: prompt and completion must both be text or both "
+            "be chat messages"
+        )
+    return bool(chat)
+
+
+def is_stop_token_trained(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> bool:
+    """Whether the assistant mask of the chat template (`chat_template`, else the tokenizer's) covers the token that
+    ends an assistant turn.
 
     A template can mark the assistant's content but leave its end-of-turn token outside {% generation %}; a model
     trained with assistant_only_loss on it never learns to stop. The last masked non-blank token must be a special
@@ -81,7 +86,9 @@ def is_stop_token_trained(tokenizer: PreTrainedTokenizerBase) -> bool:
         True
     """
     messages = [{"role": role, "content": "dummy"} for role in ("user", "assistant", "user")]
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     added_ids = set(tokenizer.get_added_vocab().values())
     masked = [token for token, bit in zip(out["input_ids"], out["assistant_masks"]) if bit]
     for token in reversed(masked):
@@ -127,6 +134,9 @@ def dataset_format(example: dict, dataset_text_field: str = "text", formatting_f
     """Which SFT format `example` (a dataset's first row) is in: "tokenized", "formatted", "prompt_completion",
     "messages" or "text". Raises a ValueError listing the columns looked for when it is none of them.
 
+    The last three may be mixed in one dataset (a row's unused columns hold None): each row is then prepared in its
+    own format.
+
     Example:
         >>> dataset_format({"prompt": "2+2=", "completion": "4"})
         'prompt_completion'
@@ -135,19 +145,38 @@ def dataset_format(example: dict, dataset_text_field: str = "text", formatting_f
         return "tokenized"
     if formatting_func is not None:
         return "formatted"
-    if "prompt" in example and "completion" in example:
+    has_pair = "prompt" in example and "completion" in example
+    if not has_pair and not any(key in example for key in (*_CHAT_COLUMNS, dataset_text_field)):
+        raise ValueError(
+            f"The {name} dataset has none of the columns SFT reads. It looked for: 'input_ids' (pre-tokenized), "
+            f"'prompt' and 'completion' (prompt-completion), 'messages' or 'conversations' (lists of chat messages), "
+            f"{dataset_text_field!r} (text; dataset_text_field). The dataset's columns are: {sorted(example)}. Rename "
+            "a column, set dataset_text_field, or pass a formatting_func that returns the text of an example."
+        )
+    return _row_format(example, dataset_text_field, 0, name)
+
+
+def _row_format(example: dict, text_field: str, index: int, name: str) -> str:
+    """The format of one row: "prompt_completion", "messages" or "text"; a ValueError naming the row when its
+    columns hold nothing to train on (None)."""
+    if "prompt" in example and "completion" in example and (example["prompt"], example["completion"]) != (None, None):
+        for key in ("prompt", "completion"):
+            if example[key] is None:
+                raise ValueError(
+                    f"{name} dataset row {index}: {key!r} is None (a prompt-completion row needs both a 'prompt' and "
+                    "a 'completion')"
+                )
         return "prompt_completion"
-    if any(is_conversational({"messages": example.get(key)}) for key in ("messages", "conversations")):
+    if _chat_column(example) is not None:
         return "messages"
-    if _is_from_value(example.get("conversations")):
-        return "messages"
-    if dataset_text_field in example:
+    text = example.get(text_field)
+    if isinstance(text, str):
         return "text"
+    present = [key for key in ("prompt", "completion", *_CHAT_COLUMNS, text_field) if key in example]
+    values = ", ".join(f"{key!r} is {example[key]!r:.40}" for key in present)
     raise ValueError(
-        f"The {name} dataset has none of the columns SFT reads. It looked for: 'input_ids' (pre-tokenized), 'prompt' "
-        f"and 'completion' (prompt-completion), 'messages' or 'conversations' (lists of chat messages), "
-        f"{dataset_text_field!r} (text; dataset_text_field). The dataset's columns are: {sorted(example)}. Rename a "
-        "column, set dataset_text_field, or pass a formatting_func that returns the text of an example."
+        f"{name} dataset row {index} has nothing to train on: {values} (expected a {text_field!r} string, a "
+        "'prompt' and a 'completion', or a list of chat messages)"
     )
 
 
@@ -155,8 +184,16 @@ def _is_from_value(messages) -> bool:
     return isinstance(messages, list) and bool(messages) and isinstance(messages[0], dict) and "from" in messages[0]
 
 
+def _chat_column(example: dict) -> str | None:
+    """The column holding the row's chat messages ("messages" or "conversations"), if any."""
+    for key in _CHAT_COLUMNS:
+        if is_conversational({"messages": example.get(key)}) or _is_from_value(example.get(key)):
+            return key
+    return None
+
+
 def _messages(example: dict) -> list[dict]:
-    messages = example["messages"] if "messages" in example else example["conversations"]
+    messages = example[_chat_column(example)]
     if not _is_from_value(messages):
         return messages
     return [
@@ -165,21 +202,21 @@ def _messages(example: dict) -> list[dict]:
     ]
 
 
-def _template_kwargs(example: dict) -> dict:
+def _template_kwargs(example: dict, chat_template: str | None) -> dict:
     tools = example.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
-    return {"tools": tools or None, **(example.get("chat_template_kwargs") or {})}
+    return {"tools": tools or None, "chat_template": chat_template, **(example.get("chat_template_kwargs") or {})}
 
 
 def _with_eos(text: str, eos_token: str | None) -> str:
     return text if eos_token is None or text.endswith(eos_token) else text + eos_token
 
 
-def _prompt_completion_ids(example, tokenizer, eos_token, assistant_only_loss) -> dict:
+def _prompt_completion_ids(example, tokenizer, chat: bool, chat_template, assistant_only_loss) -> dict:
     """input_ids of prompt + completion, completion_mask, and assistant_masks (conversational, assistant_only_loss)."""
     out = {}
-    if is_conversational(example):
-        kwargs = _template_kwargs(example)
+    if chat:
+        kwargs = _template_kwargs(example, chat_template)
         prompt_ids = tokenizer.apply_chat_template(
             example["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True, **kwargs
         )["input_ids"]
@@ -195,7 +232,7 @@ def _prompt_completion_ids(example, tokenizer, eos_token, assistant_only_loss) -
             out["assistant_masks"] = full["assistant_masks"]
     else:
         prompt_ids = tokenizer(text=example["prompt"])["input_ids"]
-        ids = tokenizer(text=example["prompt"] + _with_eos(example["completion"], eos_token))["input_ids"]
+        ids = tokenizer(text=example["prompt"] + _with_eos(example["completion"], tokenizer.eos_token))["input_ids"]
     # Where the prompt alone tokenizes differently (a template quirk, a token merging across the boundary), the
     # completion starts where the two diverge
     prompt_len = common_prefix_length(prompt_ids, ids)
@@ -210,21 +247,39 @@ def _prompt_completion_ids(example, tokenizer, eos_token, assistant_only_loss) -
     return out
 
 
-def _example_ids(example, kind, tokenizer, text_field, formatting_func, eos_token, assistant_only_loss) -> dict:
+def _formatted_text(example: dict, index: int, formatting_func, name: str) -> str:
+    text = formatting_func(example)
+    if not isinstance(text, str):
+        raise TypeError(
+            f"formatting_func returned {type(text).__name__} {text!r:.40} for {name} dataset row {index}: it must "
+            "return the example's text (a str)"
+        )
+    return text
+
+
+def _example_ids(example, index, kind, tokenizer, options) -> dict:
+    text_field, formatting_func, chat_template, assistant_only_loss, name = options
     if kind == "formatted":
-        return {"input_ids": tokenizer(text=_with_eos(formatting_func(example), eos_token))["input_ids"]}
+        text = _formatted_text(example, index, formatting_func, name)
+        return {"input_ids": tokenizer(text=_with_eos(text, tokenizer.eos_token))["input_ids"]}
+    chat = kind == "messages" or (kind == "prompt_completion" and _is_chat_prompt_completion(example, index, name))
+    if assistant_only_loss and not chat:
+        raise ValueError(
+            f"assistant_only_loss=True needs conversational rows, and {name} dataset row {index} is plain text "
+            f"({kind.replace('_', '-')})"
+        )
     if kind == "prompt_completion":
-        return _prompt_completion_ids(example, tokenizer, eos_token, assistant_only_loss)
+        return _prompt_completion_ids(example, tokenizer, chat, chat_template, assistant_only_loss)
     if kind == "messages":
         out = tokenizer.apply_chat_template(
             _messages(example),
             tokenize=True,
             return_dict=True,
             return_assistant_tokens_mask=assistant_only_loss,
-            **_template_kwargs(example),
+            **_template_kwargs(example, chat_template),
         )
         return {key: out[key] for key in ("input_ids", "assistant_masks") if key in out}
-    return {"input_ids": tokenizer(text=_with_eos(example[text_field], eos_token))["input_ids"]}
+    return {"input_ids": tokenizer(text=_with_eos(example[text_field], tokenizer.eos_token))["input_ids"]}
 
 
 def _labels(example: dict, mask_columns: list[str]) -> list[int]:
@@ -246,9 +301,13 @@ def _finish(example: dict, completion_only_loss: bool, truncation: slice | None)
     return {"input_ids": ids, "labels": labels}
 
 
-def _tokenize(example, index, kind, tokenizer, text_field, formatting_func, eos_token, loss_masks, truncation):
-    assistant_only_loss, completion_only_loss = loss_masks
-    ids = _example_ids(example, kind, tokenizer, text_field, formatting_func, eos_token, assistant_only_loss)
+def _tokenize(example, index, kind, tokenizer, options, completion_only_loss, truncation):
+    """One row's input_ids and labels; `options` = (text_field, formatting_func, chat_template,
+    assistant_only_loss, name)."""
+    text_field, *_, assistant_only_loss, name = options
+    if kind != "formatted":
+        kind = _row_format(example, text_field, index, name)
+    ids = _example_ids(example, index, kind, tokenizer, options)
     if assistant_only_loss and 1 not in ids["assistant_masks"]:
         raise ValueError(
             f"assistant_only_loss=True, but example {index} has no token in its assistant mask: the chat template's "
@@ -289,10 +348,13 @@ def prepare_sft_dataset(
 ):
     """Tokenize `dataset` (a Dataset or IterableDataset in one of the SFT formats) into "input_ids" and "labels".
 
-    Plain text and completions get the tokenizer's eos_token appended (chat templates end turns themselves).
-    Labels are -100 outside the completion (completion_only_loss), outside assistant turns (assistant_only_loss).
-    Without packing, sequences are truncated to max_length (keeping the start or the end) and examples left with no
-    label are dropped. With packing, sequences are packed into max_length rows with `packing_strategy`.
+    Each row is prepared in its own format (rows may mix text, prompt-completion and chat messages; a row with
+    nothing to train on is a ValueError naming it). Plain text and completions get the tokenizer's eos_token appended
+    (chat templates end turns themselves). Labels are -100 outside the completion (completion_only_loss) and outside
+    assistant turns (assistant_only_loss, which tokenizes with `check_assistant_only_loss`'s chat template). Without
+    packing, sequences are truncated to max_length (keeping the start or the end) and examples left with no label are
+    dropped, with a warning that counts them. With packing, sequences are packed into max_length rows with
+    `packing_strategy`. A text dataset whose texts are all empty is a ValueError.
 
     Example:
         >>> ds = prepare_sft_dataset(Dataset.from_dict({"prompt": ["2+2="], "completion": ["4"]}), tokenizer,
@@ -327,16 +389,15 @@ def prepare_sft_dataset(
             **_describe(dataset, f"Building labels of the {name} dataset", map_kwargs),
         )
     else:
-        if assistant_only_loss and not _is_chat(kind, example):
+        if assistant_only_loss and not _is_chat(kind, example, name):
             raise ValueError(f"assistant_only_loss=True needs a conversational dataset; the {name} dataset is not")
-        eos_token = None if _is_chat(kind, example) else tokenizer.eos_token
+        _check_some_text(dataset, dataset_text_field, kind, name)
+        chat_template = training_chat_template(tokenizer.chat_template) if assistant_only_loss else None
         fn_kwargs = {
             "kind": kind,
             "tokenizer": tokenizer,
-            "text_field": dataset_text_field,
-            "formatting_func": formatting_func,
-            "eos_token": eos_token,
-            "loss_masks": (assistant_only_loss, completion_only_loss),
+            "options": (dataset_text_field, formatting_func, chat_template, assistant_only_loss, name),
+            "completion_only_loss": completion_only_loss,
             "truncation": truncation,
         }
         dataset = dataset.map(
@@ -346,10 +407,7 @@ def prepare_sft_dataset(
             **_describe(dataset, f"Tokenizing the {name} dataset", map_kwargs),
         )
     if truncation is not None:
-        dataset = dataset.filter(
-            _has_label, **_describe(dataset, f"Dropping examples with no label left in the {name} dataset", map_kwargs)
-        )
-        _check_not_emptied(dataset, name, max_length)
+        dataset = _drop_unlabeled(dataset, name, max_length, map_kwargs)
     if packing:
         dataset = dataset.select_columns(["input_ids", "labels"])
         if shuffle:
@@ -362,16 +420,55 @@ def prepare_sft_dataset(
     return dataset
 
 
+def _check_some_text(dataset, text_field: str, kind: str, name: str) -> None:
+    """A text dataset whose every text is empty would train on nothing (each row is only the eos token, which no
+    token predicts) and log a loss of 0.0: refuse it. Datasets that mix in other formats are not checked."""
+    other_columns = {"prompt", "completion", *_CHAT_COLUMNS} & set(dataset.column_names or ())
+    if kind != "text" or not isinstance(dataset, Dataset) or other_columns:
+        return
+    longest = pc.max(pc.utf8_length(dataset.with_format("arrow")[text_field])).as_py()
+    if not longest:
+        raise ValueError(
+            f"every {text_field!r} (dataset_text_field) of the {name} dataset is empty: there is nothing to train on "
+            "(the loss would be 0.0 on 0 tokens)"
+        )
+
+
 def _has_label(example: dict) -> bool:
     return any(label != -100 for label in example["labels"])
 
 
-def _check_not_emptied(dataset, name: str, max_length: int) -> None:
-    if isinstance(dataset, Dataset) and len(dataset) == 0:
+def _has_label_or_warn(example: dict, name: str, max_length: int) -> bool:
+    # A streamed dataset cannot be counted up front: each dropped row warns as it streams by (shown once)
+    keep = _has_label(example)
+    if not keep:
+        warnings.warn(_dropped_message("rows", name, max_length), stacklevel=2)
+    return keep
+
+
+def _dropped_message(count: str, name: str, max_length: int) -> str:
+    return (
+        f"dropped {count} of the {name} dataset that have no token left in the loss after truncation to max_length="
+        f"{max_length} (the prompt fills it, or the loss-masked part is cut off): raise max_length or shorten the "
+        "prompts"
+    )
+
+
+def _drop_unlabeled(dataset, name: str, max_length: int, map_kwargs: dict):
+    """`dataset` without the rows truncation left with no label: counted in a warning, an error if none is left."""
+    if not isinstance(dataset, Dataset):
+        return dataset.filter(_has_label_or_warn, fn_kwargs={"name": name, "max_length": max_length})
+    before = len(dataset)
+    desc = f"Dropping examples with no label left in the {name} dataset"
+    dataset = dataset.filter(_has_label, **_describe(dataset, desc, map_kwargs))
+    if len(dataset) == 0:
         raise ValueError(
             f"No example of the {name} dataset has a token left in the loss after truncation to max_length="
             f"{max_length} (the prompts fill it?): raise max_length or shorten the prompts"
         )
+    if len(dataset) < before:
+        warnings.warn(_dropped_message(f"{before - len(dataset)} of {before} rows", name, max_length), stacklevel=3)
+    return dataset
 
 
 def _describe(dataset, desc: str, map_kwargs: dict) -> dict:

@@ -6,9 +6,32 @@ import functools
 import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 
 import torch
+
+# What a reward function is called with besides the dataset's columns: the samples, and (from GRPOTrainer) the
+# trainer's state and logging hooks. A dataset column of the same name would replace one or be replaced by it.
+SAMPLE_ARGUMENTS = ("prompts", "completions", "completion_ids")
+TRAINER_ARGUMENTS = ("trainer_state", "log_extra", "log_metric")
+RESERVED_COLUMNS = SAMPLE_ARGUMENTS + TRAINER_ARGUMENTS
+
+
+def check_reward_columns(column_names, name: str) -> None:
+    """Raise if a dataset column of `name` would collide with an argument reward functions are called with.
+
+    Example:
+        >>> check_reward_columns(["prompt", "completions"], "train_dataset")
+        ValueError: train_dataset has a column named 'completions', ...
+    """
+    for column in column_names:
+        if column in RESERVED_COLUMNS:
+            raise ValueError(
+                f"{name} has a column named {column!r}, which is also an argument reward functions are called with "
+                f"({', '.join(RESERVED_COLUMNS)}): the two would collide, and the rewards be computed on the wrong "
+                f"values. Rename the column, e.g. dataset.rename_column({column!r}, {column + '_column'!r})"
+            )
 
 
 def reward_func_name(func) -> str:
@@ -56,7 +79,7 @@ def check_rewards(name: str, output, expected: int) -> list[float]:
 
 
 def _is_scalar_tensor(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()
+    return isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()
 
 
 def _call(name: str, func: Callable, kwargs: dict):
@@ -106,8 +129,11 @@ def score_completions(
 
     Reward functions are called as f(prompts=, completions=, completion_ids=, **columns) (async ones concurrently);
     reward models (torch modules) are scored by `model_scores(i)`, i their index in reward_funcs. Errors name the
-    function: a raising function, a wrong number of rewards, a value that is neither a number nor None.
+    function: a raising function, a wrong number of rewards, a value that is neither a number nor None, and a column
+    named like one of SAMPLE_ARGUMENTS. Warns, naming the function, about infinite rewards, and about completions
+    that no function scored (None or NaN from each).
     """
+    check_reward_columns([column for column in columns if column in SAMPLE_ARGUMENTS], "the batch")
     B = len(prompts)
     rewards = torch.full((B, len(reward_funcs)), math.nan, dtype=torch.float32, device=device)
     kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
@@ -123,4 +149,32 @@ def score_completions(
         outputs = _run_async([(name, func) for _, name, func in pending], kwargs)
         for (i, name, _), output in zip(pending, outputs):
             rewards[:, i] = torch.tensor(check_rewards(name, output, B), device=device)
+    warn_unusable_rewards(rewards, names, prompts, completions)
     return rewards
+
+
+def warn_unusable_rewards(rewards: torch.Tensor, names: list[str], prompts: list, completions: list) -> None:
+    """Warn about the rewards [B, R] that give no advantage: an infinite reward (its group has no finite mean, so the
+    advantages of the whole group are lost), and a completion that no function scored (None or NaN from each: it gets
+    advantage 0 and is left out of the statistics). Each warning shows one such prompt and completion."""
+
+    def example(row: int) -> str:
+        return f"e.g. prompt {prompts[row]!r:.200}, completion {completions[row]!r:.200}"
+
+    for i, name in enumerate(names):
+        infinite = torch.isinf(rewards[:, i])
+        if infinite.any():
+            row = int(infinite.nonzero()[0])
+            warnings.warn(
+                f"reward function {name!r} returned an infinite reward ({rewards[row, i].item()}) for "
+                f"{int(infinite.sum())} of {len(prompts)} completions ({example(row)}): each one's group has no finite "
+                "mean reward, so the advantages of the whole group are lost; return finite rewards",
+                stacklevel=3,
+            )
+    unscored = torch.isnan(rewards).all(dim=1)
+    if unscored.any():
+        warnings.warn(
+            f"every reward function returned None or NaN for {int(unscored.sum())} of {len(prompts)} completions "
+            f"({example(int(unscored.nonzero()[0]))}): they get advantage 0 and are left out of the reward statistics",
+            stacklevel=3,
+        )

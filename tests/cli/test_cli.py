@@ -74,7 +74,8 @@ def test_flags_parse_as_trl_parses_them(command):
             "--lr_scheduler_type", "cosine", "--gradient_accumulation_steps", "2", "--seed", "3",
             "--model_name_or_path", "some/model", "--dtype", "bfloat16", "--dataset_name", "some/data",
             "--dataset_train_split", "tr", "--dataset_test_split", "te", "--report_to", "none"]  # fmt: skip
-    argv += {"sft": ["--max_length", "64", "--packing"], "dpo": ["--beta", "0.3", "--loss_type", "hinge"],
+    argv += {"sft": ["--max_length", "64", "--packing", "--load_in_4bit", "--bnb_4bit_quant_type", "fp4",
+                     "--use_bnb_nested_quant", "--bnb_4bit_quant_storage", "bfloat16"], "dpo": ["--beta", "0.3", "--loss_type", "hinge"],
              "grpo": ["--beta", "0.04", "--num_generations", "4", "--loss_type", "grpo"]}[command]  # fmt: skip
     trl_config = getattr(trl, f"{command.upper()}Config")
     theirs = TrlParser((ScriptArguments, trl_config, ModelConfig)).parse_args_and_config(argv)
@@ -145,7 +146,11 @@ BAD_INVOCATIONS = {
     "unknown command": (["sfd"], "unknown command 'sfd' (did you mean sft?)"),
     "positional": (["sft", "stray"], "unexpected argument(s): stray"),
     "mixture": (["sft", "--datasets", "a"], "dataset mixtures are not supported"),
-    "quantization": (["sft", "--load_in_4bit"], "quantization is not supported"),
+    "4 and 8 bits": (
+        ["sft", "--bf16", "false", "--load_in_4bit", "--load_in_8bit"],
+        "--load_in_4bit and --load_in_8bit",
+    ),
+    "quant type": (["sft", "--load_in_4bit", "--bnb_4bit_quant_type", "int4"], "invalid choice: 'int4'"),
     "missing config": (["sft", "--config", "/nonexistent/posttrain.yaml"], "No such file or directory"),
     "quickstart flag": (["quickstart", "--steps", "3"], "unrecognized arguments: --steps"),
 }
@@ -214,6 +219,103 @@ def test_console_script_reports_one_line_and_exit_2():
         [sys.executable, "-m", "posttrain.cli", "dpo", "--beta", "high"], capture_output=True, text=True, check=False
     )
     _assert_one_line_error(result.returncode, result.stderr, "posttrain dpo: error: argument --beta: invalid float")
+
+
+# A .jsonl file's text and the one-line error it gets, naming the file (and the line where one is at fault)
+BAD_DATA_FILES = {
+    "empty": (b"", "the file is empty"),
+    "blank lines": (b"\n  \n", "the file has no rows (only blank lines)"),
+    "malformed": (b'{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"\n',
+                  "line 2 is not valid JSON: Expecting ',' delimiter (column 34)"),
+    "binary": (b"\x89PNG\r\n\x1a\n" + bytes(range(128, 256)) * 4, "line 1 is not UTF-8 text (a binary file?)"),
+    "not an object": (b'{"prompt": "a", "completion": "b"}\n"text"\n', "line 2 is a JSON str, not an object"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+@pytest.mark.parametrize("content, expected", BAD_DATA_FILES.values(), ids=BAD_DATA_FILES.keys())
+def test_an_unreadable_data_file_is_one_line_naming_it(capsys, tmp_path, content, expected, streaming):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    flags = ["--dataset_streaming"] if streaming else []
+    code, _, err = _run(capsys, "sft", *QUICK, *flags, "--output_dir", str(tmp_path), "--dataset_name", str(path))
+    _assert_one_line_error(code, err, f"dataset_name '{path}': {expected}")
+
+
+def test_a_model_path_that_is_a_file_is_named(capsys, tmp_path):
+    path = _write(tmp_path / "model.bin", "not a model")
+    code, _, err = _run(capsys, "sft", *QUICK, "--output_dir", str(tmp_path), "--model_name_or_path", path)
+    _assert_one_line_error(code, err, f"model_name_or_path '{path}': not a directory")
+
+
+# ---- quantization (QLoRA) flags ----
+
+
+def _model_args(*flags: str, peft: bool = True):
+    _, config, model_args, *lora = cli.parse_training_args(
+        "sft", ["--output_dir", "o", "--bf16", "false", *flags], with_peft=peft
+    )
+    return config, model_args, lora
+
+
+def test_4bit_flags_build_trls_bitsandbytes_config(tiny_model_dir):
+    from transformers import BitsAndBytesConfig
+
+    flags = ["--model_name_or_path", tiny_model_dir, "--use_peft", "--load_in_4bit", "--dtype", "bfloat16",
+             "--bnb_4bit_quant_type", "fp4", "--use_bnb_nested_quant", "--bnb_4bit_quant_storage", "bfloat16"]  # fmt: skip
+    config, model_args, _ = _model_args(*flags)
+    quantization = model_args.quantization_config()
+    expected = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="fp4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_quant_storage=torch.bfloat16)  # fmt: skip
+    assert quantization.to_dict() == expected.to_dict()
+    name, _ = cli._resolve_model(model_args, config, quantization)
+    assert name == tiny_model_dir and config.model_init_kwargs["quantization_config"] is quantization
+    assert config.model_init_kwargs["dtype"] == "bfloat16"
+
+
+def test_8bit_and_defaults():
+    _, model_args, _ = _model_args("--load_in_8bit")
+    assert model_args.quantization_config().to_dict()["load_in_8bit"] is True
+    _, model_args, _ = _model_args("--load_in_4bit", "--dtype", "auto")
+    quantization = model_args.quantization_config()
+    assert (quantization.bnb_4bit_quant_type, quantization.bnb_4bit_use_double_quant) == ("nf4", False)
+    assert quantization.bnb_4bit_compute_dtype == torch.float32  # transformers' default for dtype auto
+    assert _model_args()[1].quantization_config() is None
+
+
+def test_4bit_flags_without_4bit_warn():
+    _, model_args, _ = _model_args("--bnb_4bit_quant_type", "fp4", "--use_bnb_nested_quant")
+    with pytest.warns(UserWarning, match="bnb_4bit_quant_type, use_bnb_nested_quant: ignored, these flags take effect"):
+        assert model_args.quantization_config() is None
+
+
+BAD_QUANTIZATION = {
+    "without use_peft": (["--load_in_4bit"], "--load_in_4bit needs --use_peft: a quantized model is not trained"),
+    "8 bit without use_peft": (["--load_in_8bit"], "--load_in_8bit needs --use_peft"),
+    "built-in model": (["--load_in_4bit", "--use_peft"],
+                       "quantization (--load_in_4bit / --load_in_8bit) needs --model_name_or_path"),
+    "bad storage": (["--load_in_4bit", "--use_peft", "--bnb_4bit_quant_storage", "int3"],
+                    "--bnb_4bit_quant_storage 'int3': `bnb_4bit_quant_storage` must be a valid string"),
+    "twice": (["--load_in_4bit", "--use_peft", "--model_name_or_path", "{model}", "--model_init_kwargs",
+               '{"quantization_config": {"load_in_8bit": true}}'], "quantization_config is given both"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("flags, expected", BAD_QUANTIZATION.values(), ids=BAD_QUANTIZATION.keys())
+def test_bad_quantization_is_one_line(capsys, tmp_path, tiny_model_dir, flags, expected):
+    flags = [flag.replace("{model}", tiny_model_dir) for flag in flags]
+    code, _, err = _run(capsys, "sft", *QUICK, "--output_dir", str(tmp_path), *flags)
+    _assert_one_line_error(code, err, expected)
+
+
+def test_quantization_without_bitsandbytes_says_what_to_install(capsys, tmp_path, monkeypatch):
+    find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(
+        cli.importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+    )
+    code, _, err = _run(capsys, "sft", *QUICK, "--output_dir", str(tmp_path), "--load_in_4bit", "--use_peft")
+    _assert_one_line_error(code, err, "--load_in_4bit needs bitsandbytes, which is not installed: pip install "
+                           "'posttrain[qlora]'")  # fmt: skip
 
 
 # ---- local datasets ----

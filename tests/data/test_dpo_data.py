@@ -1,11 +1,15 @@
 """Preference data for DPO: the prepared columns and the padded batches equal TRL 1.16's; packing; bad input."""
 
+import re
 import types
 import warnings
 
+import pyarrow as pa
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from trl.trainer.dpo_config import DPOConfig as TRLDPOConfig
 from trl.trainer.dpo_trainer import DataCollatorForPreference as TRLCollator
 from trl.trainer.dpo_trainer import DPOTrainer as TRLDPOTrainer
@@ -13,6 +17,7 @@ from trl.trainer.dpo_trainer import DPOTrainer as TRLDPOTrainer
 from posttrain.data.dpo import (
     DataCollatorForPackedPreference,
     DataCollatorForPreference,
+    count_identical_lists,
     extract_prompt,
     prepare_preference_dataset,
     tokenize_preference,
@@ -190,3 +195,49 @@ def test_packed_collator_holds_the_padded_sequences(options):
     assert not packed["completion_mask"][0, int(lengths.sum()) :].any()
     assert "attention_mask" not in packed
     assert torch.equal(packed["ref_chosen_logps"], torch.tensor([-1.5, -3.0]))
+
+
+# ---- identical pairs, mixed formats ----
+
+
+def test_rows_with_the_same_chosen_and_rejected_warn_with_a_count(tokenizer):
+    data = {"prompt": ["a", "b", "c"], "chosen": ["x", "y", "z"], "rejected": ["x", "w", "z<|im_end|>"]}
+    with pytest.warns(UserWarning, match="2 of 3 rows of the train dataset have the same chosen and rejected"):
+        prepared = prepare_preference_dataset(Dataset.from_dict(data), tokenizer)
+    assert len(prepared) == 3
+    pretokenized = {"prompt_ids": [[1], [1]], "chosen_ids": [[2, 3], [2]], "rejected_ids": [[2, 3], [2, 3]]}
+    with pytest.warns(UserWarning, match="1 of 2 rows of the eval dataset"):
+        prepare_preference_dataset(Dataset.from_dict(pretokenized), tokenizer, dataset_name="eval")
+    stream = prepare_preference_dataset(Dataset.from_dict(data).to_iterable_dataset(), tokenizer)
+    with pytest.warns(UserWarning, match="a row of the train dataset has the same chosen and rejected"):
+        assert len(list(stream)) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_preference_dataset(Dataset.from_dict(DATASETS["standard"]), tokenizer)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 3), max_size=4), st.lists(st.integers(0, 3), max_size=4)),
+                min_size=1, max_size=12))  # fmt: skip
+def test_count_identical_lists_counts_what_python_counts(pairs):
+    ids = pa.list_(pa.int64())  # the type of a tokenized column
+    a, b = pa.array([x for x, _ in pairs], type=ids), pa.array([y for _, y in pairs], type=ids)
+    expected = sum(x == y for x, y in pairs)
+    assert count_identical_lists(a, b) == expected
+    assert count_identical_lists(pa.chunked_array([a[:1], a[1:]]), pa.chunked_array([b[:1], b[1:]])) == expected
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"prompt": "2+2?", "chosen": _assistant("4"), "rejected": _assistant("5")},
+         "row 0: 'chosen', 'rejected' are lists of chat messages but 'prompt' is str: the formats must match"),
+        ({"prompt": _user("2+2?"), "chosen": "4", "rejected": "5"},
+         "row 0: 'prompt' is a list of chat messages but 'chosen', 'rejected' are str: the formats must match"),
+        ({"prompt": None, "chosen": "4", "rejected": "5"}, "row 0: the 'prompt' is None"),
+    ],
+    ids=["text-prompt-chat-completions", "chat-prompt-text-completions", "prompt-None"],
+)  # fmt: skip
+def test_a_row_mixing_text_and_chat_is_refused(row, expected, tokenizer):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        prepare_preference_dataset(Dataset.from_list([row]), tokenizer)

@@ -1,6 +1,7 @@
 """SFT dataset preparation: every format and option gives the tokens and labels TRL 1.16's SFTTrainer prepares."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -8,9 +9,9 @@ import trl
 from datasets import Dataset
 
 import posttrain
+from posttrain.data.chat_templates import has_generation_markers
 from posttrain.data.sft import (
     dataset_format,
-    has_generation_markers,
     is_stop_token_trained,
     prepare_sft_dataset,
     set_chat_template,
@@ -291,3 +292,90 @@ def test_set_chat_template_from_a_tokenizer_clones_tokens_and_resizes(tmp_path):
     )
     assert model.vocab_size == 320 == len(tokenizer.vocab)  # 260 rounded up to a multiple of 64, with fillers
     assert tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False) == "a<|turn|>"
+
+
+# ---- bad and mixed inputs ----
+
+
+def _ids_alone(row: dict, **options) -> dict:
+    """A row prepared as a dataset of its own (its unused columns dropped)."""
+    columns = {key: [value] for key, value in row.items() if value is not None}
+    return prepare_sft_dataset(Dataset.from_dict(columns), byte_level_tokenizer(), **options)[0]
+
+
+MIXED = {
+    "messages-then-text": {"messages": [_chat("a", "b"), None], "text": [None, "plain text"]},
+    "text-then-messages": {"messages": [None, _chat("a", "b")], "text": ["plain text", None]},
+    "prompt_completion-and-messages": {
+        "prompt": ["2+2=", None], "completion": ["4", None], "messages": [None, _chat("c", "d")]
+    },
+    "conversations-and-text": {
+        "conversations": [[{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}], None],
+        "text": [None, "plain"],
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("columns", MIXED.values(), ids=MIXED.keys())
+def test_rows_mixing_formats_are_each_prepared_in_their_own(columns):
+    """TRL 1.16 picks the format from row 0: it crashes when that row is plain text and, when it is chat, leaves the
+    text rows without eos; each row here is prepared as it would be alone."""
+    dataset = Dataset.from_dict(columns)
+    prepared = prepare_sft_dataset(dataset, byte_level_tokenizer(), completion_only_loss=True)
+    for i, row in enumerate(dataset):
+        alone = _ids_alone(row, completion_only_loss=True)
+        assert {k: prepared[i][k] for k in ("input_ids", "labels")} == {k: alone[k] for k in ("input_ids", "labels")}
+    texts = [byte_level_tokenizer().decode(ids) for ids in prepared["input_ids"]]
+    assert all(text.endswith(("<|im_end|>", "<|im_end|>\n")) for text in texts)
+
+
+@pytest.mark.parametrize(
+    "columns, expected",
+    [
+        ({"text": ["a", None]}, "train dataset row 1 has nothing to train on: 'text' is None"),
+        ({"prompt": ["a", "b"], "completion": ["c", None]}, "train dataset row 1: 'completion' is None"),
+        ({"prompt": [None, "b"], "completion": ["c", "d"]}, "train dataset row 0: 'prompt' is None"),
+        ({"messages": [_chat("a", "b"), None], "text": [None, None]}, "row 1 has nothing to train on: 'messages' is None"),
+        ({"prompt": [[{"role": "user", "content": "a"}]], "completion": ["plain"]},
+         "the 'prompt' is a list of chat messages but the 'completion' is str 'plain': prompt and completion must both"),
+    ],
+    ids=["text-None", "completion-None", "prompt-None", "all-None", "chat-prompt-text-completion"],
+)  # fmt: skip
+def test_a_row_with_nothing_to_train_on_is_named(columns, expected):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        prepare_sft_dataset(Dataset.from_dict(columns), byte_level_tokenizer())
+
+
+def test_assistant_only_loss_names_a_plain_row_among_conversations():
+    dataset = Dataset.from_dict(MIXED["messages-then-text"])
+    with pytest.raises(ValueError, match="needs conversational rows, and train dataset row 1 is plain text"):
+        prepare_sft_dataset(dataset, byte_level_tokenizer(), assistant_only_loss=True)
+
+
+def test_formatting_func_must_return_text():
+    with pytest.raises(TypeError, match="formatting_func returned NoneType None for train dataset row 0"):
+        prepare_sft_dataset(DATASETS["text"](), byte_level_tokenizer(), formatting_func=lambda example: None)
+
+
+def test_all_empty_texts_are_refused():
+    with pytest.raises(ValueError, match="every 'body' \\(dataset_text_field\\) of the eval dataset is empty"):
+        prepare_sft_dataset(
+            Dataset.from_dict({"body": ["", None, ""]}), byte_level_tokenizer(), dataset_text_field="body", name="eval"
+        )
+    some = prepare_sft_dataset(Dataset.from_dict({"text": ["", "x"]}), byte_level_tokenizer())
+    assert len(some) == 2
+
+
+def test_rows_whose_prompt_fills_max_length_are_dropped_with_a_count():
+    dataset = Dataset.from_dict({"prompt": ["a long prompt", "ab", "a very long prompt"], "completion": ["b"] * 3})
+    options = {"completion_only_loss": True, "max_length": 6}
+    with pytest.warns(UserWarning, match="dropped 2 of 3 rows of the train dataset that have no token left in the loss "
+                      "after truncation to max_length=6"):  # fmt: skip
+        prepared = prepare_sft_dataset(dataset, byte_level_tokenizer(), **options)
+    assert len(prepared) == 1
+    with pytest.warns(UserWarning, match="dropped rows of the train dataset that have no token left"):
+        streamed = list(prepare_sft_dataset(dataset.to_iterable_dataset(), byte_level_tokenizer(), **options))
+    assert [row["input_ids"] for row in streamed] == prepared["input_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_sft_dataset(dataset, byte_level_tokenizer(), completion_only_loss=True, max_length=32)

@@ -2,7 +2,10 @@
 
 import asyncio
 import math
+import re
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,7 +21,13 @@ from posttrain.rewards import (
     resolve_reward_func,
     think_format_reward,
 )
-from posttrain.rewards.scoring import check_rewards, reward_func_name, score_completions
+from posttrain.rewards.scoring import (
+    RESERVED_COLUMNS,
+    check_reward_columns,
+    check_rewards,
+    reward_func_name,
+    score_completions,
+)
 
 
 def as_messages(texts):
@@ -152,3 +161,64 @@ def test_score_completions_sync_async_and_errors():
         score_completions([broken], ["broken"], **common)
     assert reward_func_name(uses_column) == "uses_column"
     assert reward_func_name(get_soft_overlong_punishment(10)) == "soft_overlong_punishment_reward"
+
+
+def test_check_rewards_accepts_integer_and_float_scalars():
+    values = [torch.tensor(2), torch.tensor(0.5), torch.tensor([3], dtype=torch.int32), np.int64(4), np.float32(1.5)]
+    assert check_rewards("f", values, 5) == [2.0, 0.5, 3.0, 4.0, 1.5]
+    assert check_rewards("f", torch.tensor([1, 0]), 2) == [1.0, 0.0]
+    with pytest.raises(TypeError, match="returned tensor\\(\\[1, 2\\]\\) \\(Tensor\\) for completion 0"):
+        check_rewards("f", [torch.tensor([1, 2])], 1)
+
+
+def _scored(*funcs, columns=None):
+    common = {"prompts": ["p", "q"], "completions": ["ab", "c"], "completion_ids": [[1, 2], [3]],
+              "columns": columns or {}, "model_scores": None, "device": "cpu"}  # fmt: skip
+    return score_completions(list(funcs), [f.__name__ for f in funcs], **common)
+
+
+def test_an_infinite_reward_warns_naming_the_function():
+    def explodes(completions, **kwargs):
+        return [1.0, -math.inf]
+
+    def fine(completions, **kwargs):
+        return [0.0, 1.0]
+
+    expected = "reward function 'explodes' returned an infinite reward (-inf) for 1 of 2 completions (e.g. prompt 'q'"
+    with pytest.warns(UserWarning, match=re.escape(expected)):
+        rewards = _scored(fine, explodes)
+    assert rewards[1, 1].item() == -math.inf
+
+
+def test_unscored_completions_warn_for_none_and_nan_alike():
+    def abstains(completions, **kwargs):
+        return [None, 1.0]
+
+    def undefined(completions, **kwargs):
+        return [math.nan, 2.0]
+
+    with pytest.warns(UserWarning, match="every reward function returned None or NaN for 1 of 2 completions") as record:
+        _scored(abstains, undefined)
+    assert len(record) == 1 and "'p'" in str(record[0].message)
+
+    def scores(completions, **kwargs):
+        return [0.5, 2.0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a completion scored by one function is scored
+        _scored(abstains, scores)
+
+
+@pytest.mark.parametrize("column", RESERVED_COLUMNS)
+def test_a_column_named_like_a_reward_argument_is_refused(column):
+    with pytest.raises(ValueError, match=f"train_dataset has a column named '{column}', which is also an argument"):
+        check_reward_columns(["prompt", "solution", column], "train_dataset")
+
+
+@pytest.mark.parametrize("column", ["prompts", "completions", "completion_ids"])
+def test_score_completions_refuses_a_column_that_would_replace_the_samples(column):
+    def length(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    with pytest.raises(ValueError, match=f"the batch has a column named '{column}'"):
+        _scored(length, columns={column: ["x", "y"]})
