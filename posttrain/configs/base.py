@@ -18,6 +18,8 @@ class PosttrainConfig(TrainingArguments):
         logging_steps: 10 (TRL's default, where transformers has 500).
         gradient_checkpointing: True.
         bf16: True unless fp16 is set.
+        activation_offloading: keep the activations saved for backward in CPU memory (TRL's field, for every trainer).
+        tiled_mlp, tiled_mlp_tile_tokens: run each MLP over sequence tiles under recomputation (posttrain's own).
         use_fused_kernels: compute log-probs with posttrain's fused kernels (True) or with the plain PyTorch path
             through the full logits (False). Both give the same numbers.
     """
@@ -37,6 +39,24 @@ class PosttrainConfig(TrainingArguments):
     lr_scheduler_kwargs: dict | str | None = field(
         default=None,
         metadata={"help": "Extra arguments for the learning-rate scheduler, e.g. {'num_cycles': 1}."},
+    )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the activations saved for backward in CPU memory (pinned, copied on a side stream on CUDA) "
+            "and bring them back for backward: less GPU memory, at the cost of the copies."
+        },
+    )
+    tiled_mlp: bool = field(
+        default=False,
+        metadata={
+            "help": "Run each decoder layer's MLP over sequence tiles, recomputed in backward, so its [tokens, "
+            "intermediate] activations are never whole (long sequences). Llama, Qwen2 and Qwen3 MLPs."
+        },
+    )
+    tiled_mlp_tile_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per MLP tile with tiled_mlp (default: the hidden size)."},
     )
     use_fused_kernels: bool = field(
         default=True,

@@ -4,9 +4,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import PosttrainConfig
+from .base import TRUNCATION_MODES, PosttrainConfig
 
-TRUNCATION_MODES = ("keep_start", "keep_end")
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 LOSS_TYPES = ("nll", "dft")
 DATASET_KWARGS = ("skip_prepare_dataset",)
@@ -43,7 +42,6 @@ class SFTConfig(PosttrainConfig):
         assistant_only_loss: loss on assistant turns only (needs a chat template with {% generation %} markers).
         loss_type: "nll" or "dft" (each token's loss weighted by its detached probability); "chunked_nll" is a
             deprecated alias of "nll".
-        activation_offloading: not supported by posttrain (an error when True).
         learning_rate: 2e-5 (TRL's default).
 
     Example:
@@ -122,11 +120,6 @@ class SFTConfig(PosttrainConfig):
         default="nll",
         metadata={"help": "'nll' or 'dft' (Dynamic Fine-Tuning).", "choices": [*LOSS_TYPES, "chunked_nll"]},
     )
-    activation_offloading: bool = field(
-        default=False,
-        metadata={"help": "Offload activations to the CPU (not supported by posttrain)."},
-    )
-
     pad_token: str | None = field(
         default=None,
         metadata={"help": "Deprecated: set `tokenizer.pad_token` and pass the tokenizer as `processing_class`."},
@@ -167,11 +160,6 @@ class SFTConfig(PosttrainConfig):
             warnings.warn(
                 f"dataset_kwargs keys {unknown} are ignored: the only key SFT reads is 'skip_prepare_dataset'",
                 stacklevel=3,
-            )
-        if self.activation_offloading:
-            raise NotImplementedError(
-                "activation_offloading=True is not supported by posttrain's SFTTrainer yet; set it to False (the fused "
-                "log-prob head already avoids the [batch, seq, vocab] logits, the largest activation)"
             )
 
 

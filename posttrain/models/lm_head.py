@@ -15,7 +15,9 @@ import torch
 from transformers.utils import ModelOutput
 
 from posttrain._compat import module_load_balancing_loss
-from posttrain.ops import fused_linear_logprob, selective_log_softmax
+from posttrain.models.offloading import no_activation_offloading
+from posttrain.ops import fused_linear_logprob, fused_linear_loss, selective_log_softmax
+from posttrain.ops.fused_linear_loss import DEFAULT_CHUNK_BYTES, LossChunk, row_chunks
 from posttrain.ops.fused_linear_logprob import STATS, requested_stats
 
 
@@ -28,6 +30,9 @@ class TokenLogprobOutput(ModelOutput):
     temperature-scaled logits), is_argmax (the label is the most likely token) and log_sum_sq_probs (log sum_v p_v^2)
     carry no gradient. aux_loss is the Mixture-of-Experts load-balancing loss (a differentiable scalar, as the model's
     own forward returns it) when router logits are requested from an MoE model, else None.
+
+    With a `head_loss`, `loss` is its value (differentiable: the gradient flows through it alone) and the per-token
+    fields carry no gradient.
     """
 
     logprobs: torch.Tensor | None = None
@@ -37,6 +42,7 @@ class TokenLogprobOutput(ModelOutput):
     log_sum_sq_probs: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
 
 
 # The architectures whose forward rescales the logits by a config value: (attribute, multiplies?). An architecture not
@@ -93,6 +99,77 @@ def _full(param):
 def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     # masked_scatter stays differentiable (and connected to the model) even when no label is valid
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+
+@dataclass
+class HeadLoss:
+    """A loss of the per-token log-probs that the patched forward computes itself: `model(..., logprob_labels=labels,
+    head_loss=HeadLoss(loss_fn))`. With the fused kernels, `fused_linear_loss` computes it and its gradients during
+    the forward (3 GEMMs, no [B, T, V] logits); otherwise loss_fn runs once on the plain log-probs.
+
+    loss_fn(chunk: LossChunk) -> scalar tensor: the chunk's additive share of the loss (so its normalizers are the
+    whole batch's, given up front). chunk.rows index the label positions (labels[:, 1:] != -100) in row-major order;
+    `LabelLayout` maps them back to sequences.
+    groups: [B, T - 1] integer ids aligned with labels[:, 1:]: positions with one id stay in one chunk (a sequence, a
+        DPO pair); None lets any positions share a chunk (a token-separable loss such as SFT's).
+
+    Example:
+        >>> count = (labels[:, 1:] != -100).sum()
+        >>> out = model(input_ids=ids, logprob_labels=labels, head_loss=HeadLoss(lambda c: -c.logprobs.sum() / count))
+        >>> out.loss.backward()
+    """
+
+    loss_fn: Callable
+    groups: torch.Tensor | None = None
+
+
+class LabelLayout:
+    """Where a head loss's chunk rows sit among the sequences of a batch.
+
+    `mask` is the labels' mask (labels[:, 1:] != -100), [R, T - 1]. By default each row is a sequence and a position's
+    column is its own; a packed batch (padding-free) gives each position's `sequence_ids` and `columns` instead
+    (`packed_layout`), and `width` the longest sequence's number of positions.
+    """
+
+    def __init__(self, mask, sequence_ids=None, columns=None, width=None):
+        self.mask_shape = mask.shape
+        self.positions = mask.flatten().nonzero().squeeze(1)
+        if sequence_ids is None:
+            rows, self.width = mask.shape
+            sequence_ids = torch.arange(rows, device=mask.device)[:, None].expand_as(mask)
+            columns = torch.arange(self.width, device=mask.device).expand_as(mask)
+        else:
+            self.width = width
+        self.sequence_ids = sequence_ids.flatten()[self.positions]
+        self.columns = columns.flatten()[self.positions]
+
+    def sequence_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The sequence each chunk row belongs to [n]."""
+        return self.sequence_ids[rows]
+
+    def dense(self, rows: torch.Tensor, *values, sequences: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each of `values` ([n] per chunk row, or None) placed in a zero [len(sequences), width] tensor, one row per
+        entry of `sequences` (in that order; the chunk's rows must belong to them), keeping its gradient; then the
+        [len(sequences), width] bool mask of the chunk's rows."""
+        local = torch.full((int(self.sequence_ids.max()) + 1 if len(self.sequence_ids) else 1,), -1,
+                           dtype=torch.long, device=rows.device)  # fmt: skip
+        local[sequences] = torch.arange(len(sequences), device=rows.device)
+        index = (local[self.sequence_ids[rows]], self.columns[rows])
+        shape = (len(sequences), self.width)
+        placed = [v.new_zeros(shape).index_put(index, v) if v is not None else None for v in values]
+        mask = torch.zeros(shape, dtype=torch.bool, device=rows.device).index_put_(index, torch.tensor(True))
+        return (*placed, mask)
+
+
+def packed_layout(mask: torch.Tensor, sequence_lengths: torch.Tensor) -> LabelLayout:
+    """The LabelLayout of one packed row ([1, L - 1] label mask) holding sequences of `sequence_lengths` back to back:
+    each position belongs to the sequence it predicts a token of, at its column from that sequence's start."""
+    starts = torch.cumsum(sequence_lengths, 0) - sequence_lengths
+    position = torch.arange(mask.shape[1], device=mask.device)
+    sequence_ids = (torch.searchsorted(starts, position, right=True) - 1).clamp(min=0)
+    columns = position - starts[sequence_ids]
+    width = max(int(sequence_lengths.max()) - 1, 1)
+    return LabelLayout(mask, sequence_ids[None], columns[None], width)
 
 
 @dataclass(eq=False)
@@ -199,7 +276,7 @@ def _patched_forward(model_class, config, is_moe, load_balancing_loss, effective
     signature = inspect.signature(model_class.forward)
 
     @functools.wraps(model_class.forward)  # generate validates its kwargs against the original signature
-    def forward(self, *args, logprob_labels=None, **kwargs):
+    def forward(self, *args, logprob_labels=None, head_loss=None, **kwargs):
         # read from the model, not closed over: a deep copy of the model runs on its own modules
         head = fused_head_of(self)
         original = head.previous_forward or functools.partial(model_class.forward, self)
@@ -213,13 +290,15 @@ def _patched_forward(model_class, config, is_moe, load_balancing_loss, effective
             full = original(*args, **kwargs)
             out = _plain_outputs(full.logits[:, :-1], labels, head.temperature, head.entropy, head.stats)
             out.aux_loss = getattr(full, "aux_loss", None)
-            return out
+            return out if head_loss is None else _with_plain_loss(out, head_loss)
         _check_not_zero3()
         backbone = self.base_model(*args, **kwargs)
         hidden = backbone.last_hidden_state[:, :-1]
-        out = _fused_outputs(
-            hidden, self.get_output_embeddings(), labels, effective_temperature, head.entropy, head.stats
-        )
+        outputs = _fused_outputs if head_loss is None else functools.partial(_fused_loss_outputs, head_loss=head_loss)
+        # what the head saves for backward (its input, or the loss's dH and dW) is needed first: offloading it saves
+        # nothing and would copy the gathered head weight out and back every step
+        with no_activation_offloading():
+            out = outputs(hidden, self.get_output_embeddings(), labels, effective_temperature, head.entropy, head.stats)
         if is_moe and kwargs.get("output_router_logits"):
             attention_mask = signature.bind(self, *args, **kwargs).arguments.get("attention_mask")
             out.aux_loss = load_balancing_loss(backbone.router_logits, attention_mask)
@@ -283,6 +362,41 @@ def _fused_outputs(hidden, head, labels, temperature, entropy, stats) -> TokenLo
     for name, values in zip(STATS, extra):
         if values is not None:
             setattr(out, name, _scatter(mask, values))
+    return out
+
+
+def _fused_loss_outputs(hidden, head, labels, temperature, entropy, stats, head_loss: HeadLoss) -> TokenLogprobOutput:
+    hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
+    mask = labels != -100
+    flat_hidden = hidden[mask]
+    chunks = None
+    if head_loss.groups is not None:
+        max_rows = max(1, DEFAULT_CHUNK_BYTES // (head.weight.shape[0] * flat_hidden.element_size()))
+        chunks = row_chunks(head_loss.groups.to(mask.device)[mask], max_rows)
+    result = fused_linear_loss(
+        flat_hidden, _full(head.weight), labels[mask], head_loss.loss_fn, chunks=chunks, bias=_full(head.bias),
+        temperature=temperature, with_entropy=entropy, stats=requested_stats(stats),
+    )  # fmt: skip
+    out = TokenLogprobOutput(loss=result.loss, label_mask=mask)
+    for name in ("logprobs", "entropy", *STATS):
+        values = getattr(result, name)
+        if values is not None:
+            setattr(out, name, _scatter(mask, values))
+    return out
+
+
+def _with_plain_loss(out: TokenLogprobOutput, head_loss: HeadLoss) -> TokenLogprobOutput:
+    # the whole batch is one chunk: the loss goes through the plain log-probs' autograd graph
+    mask = out.label_mask
+    fields = {name: getattr(out, name) for name in ("logprobs", "entropy", *STATS)}
+    chunk = LossChunk(
+        rows=torch.arange(int(mask.sum()), device=mask.device),
+        **{name: value[mask] if value is not None else None for name, value in fields.items()},
+    )
+    out.loss = head_loss.loss_fn(chunk)
+    for name, value in fields.items():
+        if value is not None:
+            setattr(out, name, value.detach())
     return out
 
 

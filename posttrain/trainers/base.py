@@ -41,6 +41,8 @@ from transformers.utils import logging
 
 from posttrain._compat import checkpointing_disabled, declare_loss_scaling
 from posttrain.models.lm_head import FusedHead, add_fused_logprob_head, fused_head_of
+from posttrain.models.offloading import ActivationOffloading
+from posttrain.models.tiled_mlp import apply_tiled_mlp
 from posttrain.models.loading import (
     apply_peft,
     create_model,
@@ -180,7 +182,7 @@ class PosttrainTrainer(Trainer):
     def finish_setup(self, args, **head_options) -> None:
         """After Trainer.__init__: refuse nn.DataParallel, keep Liger off the LM head, install the fused log-prob head
         on the policy (`head_options` go to add_fused_logprob_head; none for a trainer without `uses_fused_head`), and
-        disable dropout if the config says so."""
+        apply what the config asks: no dropout, tiled MLPs, activation offloading (around every training step)."""
         if args.n_gpu > 1:
             raise ValueError(
                 f"{type(self).__name__} does not support nn.DataParallel ({args.n_gpu} GPUs visible to one process): "
@@ -190,6 +192,13 @@ class PosttrainTrainer(Trainer):
         self.fused_head = self.install_fused_head(self.policy_lm, args, **head_options) if self.uses_fused_head else None
         if getattr(args, "disable_dropout", False):
             disable_dropout(self.model)
+        if args.tiled_mlp:
+            apply_tiled_mlp(self.policy_lm, tile_tokens=args.tiled_mlp_tile_tokens)
+        self._offload_context = ActivationOffloading(self.model) if args.activation_offloading else None
+
+    def training_step(self, *args, **kwargs):
+        with self._offload_context or contextlib.nullcontext():
+            return super().training_step(*args, **kwargs)
 
     @staticmethod
     def install_fused_head(model, args, **head_options) -> FusedHead:

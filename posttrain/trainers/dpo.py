@@ -1,4 +1,4 @@
-"""DPOTrainer: TRL 1.16's DPOTrainer, drop-in, with log-probs from the fused head and losses from ops.dpo_loss.
+"""DPOTrainer: TRL 1.16's DPOTrainer, drop-in, with the loss computed by the fused head (posttrain.losses.dpo).
 
 One forward of the 2B sequences of a batch (B chosen, then B rejected; padded, or packed into one row with
 padding_free) through the model patched by `add_fused_logprob_head` gives per-token log-probs, entropy, mean logit
@@ -7,6 +7,7 @@ per-token values ([2B, T'], one row per sequence), whichever the layout.
 """
 
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -26,7 +27,9 @@ from posttrain.data.dpo import (
     prepare_preference_dataset,
 )
 from posttrain.models.attention import use_padding_free_attention
-from posttrain.ops.dpo_loss import dpo_loss
+from posttrain.losses.dpo import completion_lengths, dpo_preference_loss, per_sequence, sequence_logps, wpo_weights
+from posttrain.models.lm_head import HeadLoss, LabelLayout, packed_layout
+from posttrain.ops.dpo_loss import LOSS_SEMANTICS
 
 from .base import PosttrainTrainer, check_train_dataset, router_aux_loss_setup
 
@@ -128,7 +131,6 @@ class DPOTrainer(PosttrainTrainer):
         # logits/* need the mean logit, mean_token_accuracy the argmax, WPO's weights log sum_v p_v^2
         stats = ("mean_logit", "is_argmax", *(("log_sum_sq_probs",) if args.use_weighting else ()))
         self.finish_setup(args, entropy=True, stats=stats)
-        self._offload_context = _activation_offloading(args)
         self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_setup(model, args.router_aux_loss_coef)
         self._total_train_tokens = 0
         parallelism = self.accelerator.parallelism_config
@@ -236,9 +238,9 @@ class DPOTrainer(PosttrainTrainer):
         model_kwargs, labels = _model_inputs(inputs)
         with torch.no_grad(), self._reference_context(model), self.accelerator.autocast():
             outputs = model(**model_kwargs, logprob_labels=labels)
-        per_token = _per_sequence(outputs.logprobs, inputs)
-        mask = _per_sequence(outputs.label_mask, inputs)
-        return _sequence_logps(per_token, mask, self.ld_alpha).chunk(2)
+        per_token = per_sequence(outputs.logprobs, inputs.get("sequence_lengths"))
+        mask = per_sequence(outputs.label_mask, inputs.get("sequence_lengths"))
+        return sequence_logps(per_token, mask, self.ld_alpha).chunk(2)
 
     @contextlib.contextmanager
     def _reference_context(self, model):
@@ -258,28 +260,36 @@ class DPOTrainer(PosttrainTrainer):
     # Loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The DPO loss of one batch: sum over loss types of loss_weight * mean over pairs (see posttrain.ops.dpo_loss),
-        and the batch's metrics appended to self._metrics."""
+        """The DPO loss of one batch: sum over loss types of loss_weight * mean over pairs (posttrain.losses.dpo), and
+        the batch's metrics appended to self._metrics.
+
+        Where every loss term is a sum over pairs (all but aot / aot_unpaired, which sort across the batch, and sft
+        with WPO weights, whose mean weight spans the batch), the fused head computes it with its gradients in the
+        forward, chunk by chunk of whole pairs; otherwise from the per-token log-probs."""
         mode = "train" if self.model.training else "eval"
         model_kwargs, labels = _model_inputs(inputs)
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
-        outputs = model(**model_kwargs, logprob_labels=labels)
+        if self.precompute_ref_logps:
+            ref_logps = (inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
+        else:
+            ref_logps = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
+        pairs_loss = _PairsLoss(self, inputs, ref_logps, self._sft_token_count(num_items_in_batch))
+        if self._loss_in_head:
+            layout = _label_layout(labels, inputs)
+            head_loss = HeadLoss(functools.partial(pairs_loss.of_chunk, layout), groups=pairs_loss.groups(layout))
+            outputs = model(**model_kwargs, logprob_labels=labels, head_loss=head_loss)
+            loss = outputs.loss
+        else:
+            outputs = model(**model_kwargs, logprob_labels=labels)
+            loss = pairs_loss.of_batch(outputs)
         tokens = {
-            name: _per_sequence(getattr(outputs, name), inputs)
+            name: per_sequence(getattr(outputs, name), inputs.get("sequence_lengths"))
             for name in ("logprobs", "label_mask", "entropy", "mean_logit", "is_argmax", "log_sum_sq_probs")
             if getattr(outputs, name) is not None
         }
-        mask = tokens["label_mask"]
-        chosen_logps, rejected_logps = _sequence_logps(tokens["logprobs"], mask, self.ld_alpha).chunk(2)
-        if self.precompute_ref_logps:
-            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else:
-            reference = self.ref_model if self.ref_model is not None else self.model
-            ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(reference, inputs)
-        pair_weights = _wpo_weights(tokens) if self.use_weighting else None
-        logps = (chosen_logps, rejected_logps, ref_chosen_logps.to(chosen_logps), ref_rejected_logps.to(chosen_logps))
-        loss = self._preference_loss(logps, tokens, inputs, pair_weights, self._sft_token_count(num_items_in_batch))
+        chosen_logps, rejected_logps = sequence_logps(tokens["logprobs"].detach(), tokens["label_mask"], self.ld_alpha).chunk(2)
+        logps = (chosen_logps, rejected_logps, *(ref.to(chosen_logps) for ref in ref_logps))
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
@@ -294,6 +304,11 @@ class DPOTrainer(PosttrainTrainer):
             with torch.no_grad():
                 return loss, model(**model_kwargs)
         return loss
+
+    @property
+    def _loss_in_head(self) -> bool:
+        sorts_batch = any(LOSS_SEMANTICS[name].sorts_batch for name in self.loss_types)
+        return not sorts_batch and not (self.use_weighting and "sft" in self.loss_types)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """With an "sft" loss term: the chosen-completion tokens of the whole accumulated batch (of every process
@@ -312,31 +327,6 @@ class DPOTrainer(PosttrainTrainer):
             return None
         processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         return num_items_in_batch / (self.current_gradient_accumulation_steps * processes)
-
-    def _preference_loss(self, logps, tokens, inputs, pair_weights, sft_token_count=None) -> torch.Tensor:
-        chosen_lengths, rejected_lengths = _completion_lengths(inputs).chunk(2)
-        impl = "auto" if self.args.use_fused_kernels else "torch"
-        options = dict(
-            beta=self.beta, label_smoothing=self.args.label_smoothing, f_divergence_type=self.args.f_divergence_type,
-            f_alpha_divergence_coef=self.args.f_alpha_divergence_coef, discopop_tau=self.args.discopop_tau, impl=impl,
-        )  # fmt: skip
-        loss = 0.0
-        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
-            if loss_type == "sft":
-                # The NLL of the chosen completions, unweighted by ld_alpha: summed raw log-probs over the token count
-                # (of the whole accumulated batch in training)
-                chosen_raw, chosen_mask = tokens["logprobs"].chunk(2)[0], tokens["label_mask"].chunk(2)[0]
-                count = chosen_mask.sum() if sft_token_count is None else sft_token_count
-                per_pair = (-chosen_raw.sum() / torch.as_tensor(count).clamp(min=1)).expand(chosen_raw.shape[0])
-            else:
-                per_pair = dpo_loss(
-                    *logps, loss_type=loss_type, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                    **options,
-                )  # fmt: skip
-            if pair_weights is not None:
-                per_pair = per_pair * pair_weights
-            loss = loss + per_pair.mean() * weight
-        return loss
 
     def _log_metrics(self, mode: str, logps, tokens, inputs) -> None:
         metrics, total = self._metrics[mode], self._sum_over_processes
@@ -375,10 +365,6 @@ class DPOTrainer(PosttrainTrainer):
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training and evaluation loop hooks
-
-    def training_step(self, *args, **kwargs):
-        with self._offload_context():
-            return super().training_step(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the DPO loss (and metrics) of the batch; logits only when compute_metrics needs them."""
@@ -452,13 +438,6 @@ def _unwrap_peft(model):
     return model.get_base_model() if is_peft_model(model) else model
 
 
-def _activation_offloading(args: DPOConfig):
-    if not args.activation_offloading:
-        return contextlib.nullcontext
-    pin_memory = torch.cuda.is_available()
-    return lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin_memory)
-
-
 @contextlib.contextmanager
 def _reference_adapter(peft_model):
     if "ref" not in peft_model.peft_config:
@@ -489,35 +468,10 @@ def _model_inputs(inputs: dict) -> tuple[dict, torch.Tensor]:
     return model_kwargs, labels
 
 
-def _per_sequence(values: torch.Tensor | None, inputs: dict) -> torch.Tensor | None:
-    """Per-token values [R, T - 1] aligned with labels[:, 1:] -> [2B, T'] with one row per sequence (its next-token
-    targets from the left, zero / False after them). The padded layout already is one; a packed row is cut up."""
-    lengths = inputs.get("sequence_lengths")
-    if values is None or lengths is None:
-        return values
-    starts = torch.cumsum(lengths, 0) - lengths
-    cols = torch.arange(max(int(lengths.max()) - 1, 0), device=values.device)
-    index = (starts[:, None] + cols).clamp(max=values.shape[1] - 1)
-    valid = cols < (lengths[:, None] - 1)
-    return torch.where(valid, values[0][index], torch.zeros((), dtype=values.dtype, device=values.device))
-
-
-def _completion_lengths(inputs: dict) -> torch.Tensor:
-    """Completion tokens per sequence [2B], counted on completion_mask itself (unshifted), as TRL's ipo and
-    sigmoid_norm normalize."""
-    completion_mask = inputs["completion_mask"]
-    lengths = inputs.get("sequence_lengths")
-    if lengths is None:
-        return completion_mask.sum(1)
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-    counts = torch.zeros(len(lengths), dtype=completion_mask.dtype, device=completion_mask.device)
-    return counts.index_add_(0, segment, completion_mask[0, : segment.numel()])
-
-
 def _chosen_label_count(inputs: dict) -> torch.Tensor:
     """The chosen completions' label tokens in a collated batch (what the "sft" term averages over)."""
     _, labels = _model_inputs(inputs)
-    return _per_sequence(labels[:, 1:] != -100, inputs).chunk(2)[0].sum()
+    return per_sequence(labels[:, 1:] != -100, inputs.get("sequence_lengths")).chunk(2)[0].sum()
 
 
 def _num_tokens(inputs: dict) -> torch.Tensor:
@@ -525,25 +479,58 @@ def _num_tokens(inputs: dict) -> torch.Tensor:
     return lengths.sum() if lengths is not None else inputs["attention_mask"].sum()
 
 
-def _sequence_logps(per_token: torch.Tensor, mask: torch.Tensor, ld_alpha: float | None) -> torch.Tensor:
-    """[2B] completion log-probs. With LD-DPO's ld_alpha, tokens past the shorter completion of the pair (counted
-    from the completion's start) weigh ld_alpha: shared part + ld_alpha * tail, as TRL sums them."""
-    if ld_alpha is None:
-        return per_token.sum(1)
-    position = mask.long().cumsum(1)
-    chosen_lengths, rejected_lengths = mask.sum(1).chunk(2)
-    shared = torch.minimum(chosen_lengths, rejected_lengths).repeat(2)[:, None]
-    shared_logps = (per_token * ((position > 0) & (position <= shared))).sum(1)
-    tail_logps = (per_token * (position > shared)).sum(1)
-    return shared_logps + ld_alpha * tail_logps
+def _label_layout(labels: torch.Tensor, inputs: dict) -> LabelLayout:
+    mask = labels[:, 1:] != -100
+    lengths = inputs.get("sequence_lengths")
+    return LabelLayout(mask) if lengths is None else packed_layout(mask, lengths)
 
 
-def _wpo_weights(tokens: dict) -> torch.Tensor:
-    """WPO's per-pair weight: exp(mean over the chosen completion of log p(token) - log sum_v p_v^2) times the same
-    for the rejected completion, without gradient."""
-    with torch.no_grad():
-        mask = tokens["label_mask"]
-        aligned = (tokens["logprobs"] - tokens["log_sum_sq_probs"]) * mask
-        weights = torch.exp(aligned.sum(1) / mask.sum(1).clamp_min(1))
-        chosen_weights, rejected_weights = weights.chunk(2)
-        return chosen_weights * rejected_weights
+class _PairsLoss:
+    """The DPO loss of a batch's pairs, from their per-token log-probs: of the whole batch, or (`of_chunk`) of the
+    whole pairs in a chunk of the fused head's rows, as that chunk's share of the batch's loss."""
+
+    def __init__(self, trainer: "DPOTrainer", inputs: dict, ref_logps, sft_token_count):
+        args = trainer.args
+        self.trainer = trainer
+        self.ref_chosen, self.ref_rejected = ref_logps
+        self.sequence_lengths = inputs.get("sequence_lengths")
+        lengths = completion_lengths(inputs["completion_mask"], self.sequence_lengths)
+        self.chosen_lengths, self.rejected_lengths = lengths.chunk(2)
+        self.num_pairs = len(self.chosen_lengths)
+        self.sft_token_count = sft_token_count if sft_token_count is not None else _chosen_label_count(inputs)
+        self.options = dict(
+            loss_types=trainer.loss_types, loss_weights=trainer.loss_weights, beta=trainer.beta,
+            label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
+            f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
+            impl="auto" if args.use_fused_kernels else "torch",
+        )  # fmt: skip
+
+    def groups(self, layout: LabelLayout) -> torch.Tensor:
+        """Each label position's pair (sequence i and i + B are pair i), [R, T - 1] as the head loss wants them."""
+        groups = torch.zeros(layout.mask_shape, dtype=torch.long, device=layout.sequence_ids.device)
+        groups.view(-1)[layout.positions] = layout.sequence_ids % self.num_pairs
+        return groups
+
+    def of_chunk(self, layout: LabelLayout, chunk) -> torch.Tensor:
+        pairs = torch.unique(layout.sequence_of(chunk.rows) % self.num_pairs)
+        sequences = torch.cat([pairs, pairs + self.num_pairs])
+        logps, log_sum_sq, mask = layout.dense(chunk.rows, chunk.logprobs, chunk.log_sum_sq_probs, sequences=sequences)
+        return self._loss(logps, mask, log_sum_sq, pairs)
+
+    def of_batch(self, outputs) -> torch.Tensor:
+        lengths = self.sequence_lengths
+        logps, mask = per_sequence(outputs.logprobs, lengths), per_sequence(outputs.label_mask, lengths)
+        log_sum_sq = per_sequence(outputs.log_sum_sq_probs, lengths) if outputs.log_sum_sq_probs is not None else None
+        return self._loss(logps, mask, log_sum_sq, torch.arange(self.num_pairs, device=logps.device))
+
+    def _loss(self, logps, mask, log_sum_sq, pairs) -> torch.Tensor:
+        trainer = self.trainer
+        chosen, rejected = sequence_logps(logps, mask, trainer.ld_alpha).chunk(2)
+        chosen_mask = mask.chunk(2)[0]
+        weights = wpo_weights(logps.detach(), log_sum_sq, mask) if trainer.use_weighting else None
+        return dpo_preference_loss(
+            chosen, rejected, self.ref_chosen[pairs].to(chosen), self.ref_rejected[pairs].to(chosen),
+            chosen_lengths=self.chosen_lengths[pairs], rejected_lengths=self.rejected_lengths[pairs],
+            sft_logps=torch.where(chosen_mask, logps.chunk(2)[0], 0.0).sum(1), sft_tokens=chosen_mask.sum(1),
+            pair_weights=weights, num_pairs=self.num_pairs, num_sft_tokens=self.sft_token_count, **self.options,
+        )  # fmt: skip

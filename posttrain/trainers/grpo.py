@@ -1,6 +1,7 @@
 """GRPOTrainer: TRL 1.16's GRPO (same arguments, metrics and losses) on posttrain's fused log-prob, advantage and
 loss kernels."""
 
+import functools
 import importlib.util
 import json
 import math
@@ -17,17 +18,24 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from posttrain.configs.grpo import GRPOConfig
 from posttrain.data.common import is_conversational, pad
 from posttrain.data.grpo import RepeatSampler, check_prompt_dataset, shuffle_batch, split_batch, tokenize_prompts
+from posttrain.losses.grpo import AdaptiveEntropy, entropy_bonus, high_entropy_mask, nanstd, policy_weights
+from posttrain.models.lm_head import HeadLoss, LabelLayout
 from posttrain.models.loading import create_model, trainer_model_kwargs
 from posttrain.ops.grpo_advantages import grpo_advantages
-from posttrain.ops.grpo_loss import grpo_loss
+from posttrain.ops.grpo_loss import TOKEN_NORMALIZED_LOSSES, grpo_loss
 from posttrain.rewards.registry import resolve_reward_func
 from posttrain.rewards.scoring import reward_func_name, reward_model_scores, score_completions
 
 from .base import PosttrainTrainer, no_grad_without_checkpointing, router_aux_loss_setup
 from .generation import TransformersGeneration, VLLMColocateGeneration
 
-# Loss types whose normalizer already spans the accumulated batch (TRL's num_items_in_batch)
-TOKEN_NORMALIZED_LOSSES = ("dapo", "cispo")
+def _completion_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int) -> torch.Tensor:
+    """Labels for the completion tokens alone (the last completion_width columns, where the mask is on)."""
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :-completion_width] = -100
+    return labels
+
+
 ENTROPY_STATE_FILE = "entropy_ctrl_state.json"
 
 
@@ -36,15 +44,8 @@ def _keep_examples(batch: list[dict]) -> list[dict]:
     return batch
 
 
-def _nanstd(x: torch.Tensor) -> torch.Tensor:
-    """Bessel-corrected std of the non-NaN elements (NaN with fewer than two)."""
-    values = x[~torch.isnan(x)]
-    return values.std() if values.numel() > 1 else x.new_tensor(math.nan)
-
-
 # (field, is it set away from what posttrain supports, why it is not supported)
 _UNSUPPORTED = (
-    ("loss_type", lambda a: a.loss_type == "vespo", "posttrain.ops.grpo_loss has no VESPO weighting yet"),
     ("use_transformers_continuous_batching", lambda a: a.use_transformers_continuous_batching,
      "generation uses model.generate; continuous batching is not wired in"),
     ("cast_lm_head_to_fp32", lambda a: a.cast_lm_head_to_fp32,
@@ -89,6 +90,9 @@ def _warn_loss_setup(args: GRPOConfig) -> None:
     if args.loss_type == "luspo" and args.importance_sampling_level != "sequence":
         warnings.warn("loss_type='luspo' is meant for importance_sampling_level='sequence' (as in the LUSPO paper)",
                       stacklevel=3)  # fmt: skip
+    if args.loss_type == "vespo" and args.importance_sampling_level != "token":
+        warnings.warn("loss_type='vespo' computes sequence-level importance weights itself: leave "
+                      "importance_sampling_level='token' (the default)", stacklevel=3)  # fmt: skip
     if args.importance_sampling_level == "sequence" and args.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
         warnings.warn(
             f"importance_sampling_level='sequence' with loss_type={args.loss_type!r} sums per-token terms, weighting "
@@ -123,7 +127,7 @@ class GRPOTrainer(PosttrainTrainer):
         peft_config: wraps the model with an adapter; with beta != 0 the reference is the model with adapters off.
         tools, rollout_func, environment_factory: accepted for signature compatibility; not supported (error if set).
 
-    Not supported (NotImplementedError when set): loss_type="vespo", vLLM importance-sampling correction / server
+    Not supported (NotImplementedError when set): vLLM importance-sampling correction / server
     mode / tensor parallelism / sleep mode, continuous batching, cast_lm_head_to_fp32, vision-language processors,
     IterableDataset, DeepSpeed ZeRO-3.
 
@@ -193,10 +197,12 @@ class GRPOTrainer(PosttrainTrainer):
         self.epsilon_low = args.epsilon
         self.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
         self.beta = args.beta
-        self.entropy_coef = args.entropy_coef
-        self._entropy_bonus_enabled = args.entropy_coef != 0.0 or args.use_adaptive_entropy
-        self._last_world_entropy = math.inf  # no bonus until the first optimizer step measured the entropy
-        self._entropy_window = None
+        self._entropy_control = None
+        if args.use_adaptive_entropy:
+            self._entropy_control = AdaptiveEntropy(
+                args.entropy_coef, coef_min=args.entropy_coef_min, coef_max=args.entropy_coef_max,
+                delta=args.entropy_coef_delta, target=args.entropy_target,
+            )  # fmt: skip
         self._step = 0  # micro-steps (one per training_step call), across gradient accumulation
         self._buffered_inputs = None
         self._step_time = 0.0
@@ -457,34 +463,26 @@ class GRPOTrainer(PosttrainTrainer):
         metrics["completions/max_terminated_length"].append(terminated.max().item())
         return is_truncated
 
-    def _token_logprobs(self, model, input_ids, attention_mask, num_completion_tokens, *, batch_size=None,
-                        entropy=False, aux_loss=False):  # fmt: skip
-        """Per-token log-probs [B, C] (and entropies) of the last C positions (the completion) under `model`, and
-        with aux_loss the MoE load-balancing loss (the mean over chunks); None for what was not asked.
+    def _completion_outputs(self, model, input_ids, labels, *, attention_mask, head_loss=None, aux_loss=False):
+        """The patched forward (fused LM head, no full logits) over prompt + completion, with the completion tokens as
+        labels (`_completion_labels`): a TokenLogprobOutput ([B, T - 1] fields; the completion is the last C columns).
+        As TRL, the model gets the attention mask but no position ids."""
+        router = {"output_router_logits": True} if aux_loss else {}
+        with self.accelerator.autocast():
+            return model(input_ids=input_ids, attention_mask=attention_mask, logprob_labels=labels,
+                         head_loss=head_loss, **router)  # fmt: skip
 
-        Runs the patched forward (fused LM-head kernel, no full logits) in chunks of `batch_size` rows. As TRL, the
-        model gets the attention mask but no position ids.
-        """
+    def _token_logprobs(self, model, input_ids, attention_mask, num_completion_tokens, *, batch_size=None):
+        """Per-token log-probs [B, C] of the last C positions (the completion) under `model`, computed `batch_size`
+        rows at a time (no gradient tracked by the caller)."""
         C = num_completion_tokens
         batch_size = batch_size or input_ids.shape[0]
-        router = {"output_router_logits": True} if aux_loss else {}
-        logps, entropies, aux_losses = [], [], []
+        logps = []
         for start in range(0, input_ids.shape[0], batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            labels = ids.masked_fill(mask == 0, -100)
-            labels[:, :-C] = -100
-            with self.accelerator.autocast():
-                out = model(input_ids=ids, attention_mask=mask, logprob_labels=labels, **router)
+            out = self._completion_outputs(model, ids, _completion_labels(ids, mask, C), attention_mask=mask)
             logps.append(out.logprobs[:, -C:])
-            if entropy:
-                entropies.append(out.entropy[:, -C:])
-            if aux_loss:
-                aux_losses.append(out.aux_loss)
-        return (
-            torch.cat(logps),
-            torch.cat(entropies) if entropy else None,
-            torch.stack(aux_losses).mean() if aux_loss else None,
-        )
+        return torch.cat(logps)
 
     def _reference_logprobs(self, batch: dict, mode: str) -> dict:
         """old_per_token_logps (when the batch is reused across optimizer steps) and ref_per_token_logps (beta != 0)."""
@@ -497,13 +495,13 @@ class GRPOTrainer(PosttrainTrainer):
         with no_grad_without_checkpointing(unwrapped, self.args.gradient_checkpointing_kwargs):
             # Unless generation happens exactly at optimizer-step boundaries, the policy has moved since sampling
             if self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations) != 0:
-                out["old_per_token_logps"] = self._token_logprobs(self.model, *args, batch_size=batch_size)[0]
+                out["old_per_token_logps"] = self._token_logprobs(self.model, *args, batch_size=batch_size)
             if self.beta != 0.0:
                 if self.ref_model is not None:
-                    out["ref_per_token_logps"] = self._token_logprobs(self.ref_model, *args, batch_size=batch_size)[0]
+                    out["ref_per_token_logps"] = self._token_logprobs(self.ref_model, *args, batch_size=batch_size)
                 else:
                     with unwrapped.disable_adapter():
-                        out["ref_per_token_logps"] = self._token_logprobs(self.model, *args, batch_size=batch_size)[0]
+                        out["ref_per_token_logps"] = self._token_logprobs(self.model, *args, batch_size=batch_size)
         return out
 
     def _log_completion_extra(self, column: str, values: list) -> None:
@@ -536,15 +534,6 @@ class GRPOTrainer(PosttrainTrainer):
             self.reward_funcs, self.reward_func_names, prompts=prompts, completions=completions,
             completion_ids=completion_ids, columns=columns, model_scores=model_scores, device=device,
         )  # fmt: skip
-        unscored = torch.isnan(rewards).all(dim=1)
-        if unscored.any():
-            first = int(unscored.nonzero()[0])
-            warnings.warn(
-                f"every reward function returned None for {int(unscored.sum())} of {len(prompts)} completions (e.g. "
-                f"prompt {prompts[first]!r:.200}, completion {completions[first]!r:.200}): they get advantage 0 and "
-                "are left out of the reward statistics",
-                stacklevel=2,
-            )
         return gather(rewards)
 
     def _advantages(self, rewards: torch.Tensor, mode: str) -> torch.Tensor:
@@ -563,13 +552,13 @@ class GRPOTrainer(PosttrainTrainer):
         else:  # evaluation with num_generations_eval=1: a group of one has no baseline, every advantage is 0
             advantages, std = torch.zeros_like(total), torch.zeros_like(total)
             if self.args.scale_rewards == "batch" and self.args.multi_objective_aggregation == "sum_then_normalize":
-                std = _nanstd(total).expand_as(total)
+                std = nanstd(total).expand_as(total)
         metrics = self._metrics[mode]
         for i, name in enumerate(self.reward_func_names):
             metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards[:, i]).item())
-            metrics[f"rewards/{name}/std"].append(_nanstd(rewards[:, i]).item())
+            metrics[f"rewards/{name}/std"].append(nanstd(rewards[:, i]).item())
         metrics["reward"].append(torch.nanmean(total).item())
-        metrics["reward_std"].append(_nanstd(total).item())
+        metrics["reward_std"].append(nanstd(total).item())
         metrics["frac_reward_zero_std"].append(torch.isclose(std, torch.zeros_like(std)).float().mean().item())
         return advantages
 
@@ -605,109 +594,74 @@ class GRPOTrainer(PosttrainTrainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The GRPO loss of one micro-batch (policy term, KL, entropy bonus, MoE aux loss), scaled for gradient
+        accumulation, and its metrics.
+
+        The fused head computes the loss with its gradients in the forward, chunk by chunk of whole sequences, except
+        with top_entropy_quantile < 1, whose entropy cut-off spans every completion token of every process: there the
+        loss comes from the per-token log-probs and entropies."""
         if return_outputs:
             raise ValueError("GRPOTrainer.compute_loss cannot return outputs: the fused head produces no logits")
         mode = "train" if self.model.training else "eval"
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        terms = _LossTerms(self, inputs, mode)
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        mask = inputs["completion_mask"]
-        logps, entropies, aux_loss = self._token_logprobs(
-            model, input_ids, attention_mask, inputs["completion_ids"].shape[1], entropy=True,
-            aux_loss=self.aux_loss_enabled,
-        )  # fmt: skip
-        token_normalized = self.args.loss_type in TOKEN_NORMALIZED_LOSSES
-        num_items = None
-        if token_normalized:
-            # the loss tokens of the whole generation batch, per process and micro-step (may be below 1)
-            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                num_items = num_items * accumulation / self.args.steps_per_generation
-        policy_weights, entropy_mask = self._policy_weights(logps, entropies, mask, inputs)
-        policy_loss, stats = grpo_loss(
-            logps, inputs.get("old_per_token_logps"), inputs["advantages"], mask,
-            ref_logps=inputs.get("ref_per_token_logps"), beta=self.beta, epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high, delta=self.args.delta, loss_type=self.args.loss_type,
-            importance_sampling_level=self.args.importance_sampling_level,
-            max_completion_length=self.args.max_completion_length, num_items=num_items,
-            sapo_temperature_pos=self.args.sapo_temperature_pos, sapo_temperature_neg=self.args.sapo_temperature_neg,
-            use_bias_correction_kl=self.args.use_bias_correction_kl, policy_weights=policy_weights, return_metrics=True,
-            impl=self._ops_impl,
-        )  # fmt: skip
-        # dapo / cispo are normalized by the accumulated batch's token count already; the rest by the micro-step
-        loss = policy_loss if token_normalized else policy_loss / accumulation
-        if self._entropy_bonus_enabled:
-            # with top_entropy_quantile < 1 the bonus acts on the same high-entropy tokens as the policy gradient
-            bonus_mask = mask if entropy_mask is None else mask * entropy_mask
-            loss = loss - self._entropy_bonus(entropies, bonus_mask, mode, accumulation)
-            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss.detach()).nanmean().item())
+        labels = _completion_labels(input_ids, attention_mask, terms.width)
+        forward = functools.partial(self._completion_outputs, model, input_ids, labels, attention_mask=attention_mask,
+                                    aux_loss=self.aux_loss_enabled)  # fmt: skip
+        if self.args.top_entropy_quantile < 1.0:
+            out = forward()
+            logps, entropies = out.logprobs[:, -terms.width :], out.entropy[:, -terms.width :]
+            entropy_mask = high_entropy_mask(
+                entropies, terms.mask, 1.0 - self.args.top_entropy_quantile, gather=self._gather_entropies
+            )
+            loss = terms.of_sequences(terms.all_sequences, logps, entropies, entropy_mask)
+            logps, entropies = logps.detach(), entropies.detach()
+        else:
+            layout = LabelLayout(labels[:, 1:] != -100)
+            out = forward(head_loss=HeadLoss(functools.partial(terms.of_chunk, layout), groups=terms.groups))
+            loss, logps, entropies = out.loss, out.logprobs[:, -terms.width :], out.entropy[:, -terms.width :]
         if self.aux_loss_enabled:
             # a per-micro-batch mean, scaled for gradient accumulation as the policy loss is
-            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_loss_metrics(stats, entropies, mask, mode)
+            loss = loss + self.router_aux_loss_coef * out.aux_loss / terms.accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(out.aux_loss).mean().item())
+        self._record_loss_metrics(terms, logps, entropies, mode)
         return loss
 
-    def _policy_weights(self, logps, entropies, mask, inputs):
-        """TRL's weights on the policy term (not the KL): the high-entropy token mask (top_entropy_quantile < 1) and
-        the off-policy sequence mask (off_policy_mask_threshold). Returns (weights or None, entropy_mask or None)."""
-        weights, entropy_mask = None, None
-        if self.args.top_entropy_quantile < 1.0:
-            entropy_mask = self._high_entropy_mask(entropies.detach(), mask, 1.0 - self.args.top_entropy_quantile)
-            weights = entropy_mask.to(logps.dtype)
-        if self.args.off_policy_mask_threshold is not None:
-            old = inputs.get("old_per_token_logps")
-            sampling = inputs.get("sampling_per_token_logps", logps.detach() if old is None else old)
-            # tokens the sampler could not score carry NaN and are no evidence either way
-            kl = torch.nan_to_num(sampling - logps.detach(), nan=0.0)
-            m = mask.to(logps.dtype)
-            mean_kl = (kl * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
-            keep = (inputs["advantages"].unsqueeze(1) >= 0) | (mean_kl <= self.args.off_policy_mask_threshold)
-            weights = keep.to(logps.dtype) if weights is None else weights * keep.to(logps.dtype)
-        return weights, entropy_mask
-
-    def _high_entropy_mask(self, entropies, mask, quantile: float) -> torch.Tensor:
-        """Completion tokens whose entropy reaches the `quantile` of all completion tokens' entropies (over every
-        process), as a bool mask."""
-        valid = mask.bool()
+    def _gather_entropies(self, local: torch.Tensor) -> torch.Tensor:
         # entropies are >= 0, so a negative pad marks the padding that evens out the processes' counts
-        padded = self.accelerator.pad_across_processes(entropies[valid].float(), dim=0, pad_index=-1e9)
-        gathered = self.accelerator.gather(padded)
-        gathered = gathered[gathered != -1e9]
-        if gathered.numel() == 0:
-            return torch.zeros_like(valid)
-        threshold = torch.quantile(gathered, quantile)
-        return (entropies * mask >= threshold) & valid
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=-1e9))
+        return gathered[gathered != -1e9]
 
-    def _entropy_bonus(self, entropies, mask, mode, accumulation) -> torch.Tensor:
-        """entropy_coef x the mean per-token entropy (scaled for accumulation); updates the adaptive coefficient."""
-        mask = mask.to(entropies.dtype)
-        bonus = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
-        if self.args.use_adaptive_entropy:
-            coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
-            if mode == "train":
-                self._update_adaptive_entropy(entropies, mask)
-        else:
-            coef = self.entropy_coef
-        if mode == "train" and self.accelerator.sync_gradients:
-            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        return coef * bonus
+    @property
+    def entropy_coef(self) -> float:
+        """The entropy bonus coefficient (adapted each step with use_adaptive_entropy)."""
+        return self._entropy_control.coef if self._entropy_control is not None else self.args.entropy_coef
 
-    def _update_adaptive_entropy(self, entropies, mask):
-        # the window's token-weighted mean entropy, over every micro-batch and process, decides the next step's coef
-        stats = torch.stack([(entropies * mask).sum(), mask.sum()]).detach()
-        self._entropy_window = stats if self._entropy_window is None else self._entropy_window + stats
-        if not self.accelerator.sync_gradients:
+    def _record_loss_metrics(self, terms, logps, entropies, mode: str) -> None:
+        """TRL's loss metrics from the detached log-probs: clip ratios, KL, entropy, policy_loss and entropy_coef with
+        an entropy bonus; advances the adaptive entropy coefficient."""
+        entropy_mask = None
+        if self.args.top_entropy_quantile < 1.0:
+            entropy_mask = high_entropy_mask(
+                entropies, terms.mask, 1.0 - self.args.top_entropy_quantile, gather=self._gather_entropies
+            )
+        with torch.no_grad():
+            policy_loss, stats = terms.policy_loss(terms.all_sequences, logps, entropy_mask, return_metrics=True)
+        self._log_loss_metrics(stats, entropies, terms.mask, mode)
+        if not terms.bonus_enabled:
             return
-        totals = self.accelerator.reduce(self._entropy_window, reduction="sum")
-        world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
-        step = self.args.entropy_coef_delta
-        if world_entropy <= self.args.entropy_target:
-            self.entropy_coef = min(self.entropy_coef + step, self.args.entropy_coef_max)
-        else:
-            self.entropy_coef = max(self.entropy_coef - step, self.args.entropy_coef_min)
-        self._last_world_entropy = world_entropy
-        self._entropy_window = None
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if mode != "train":
+            return
+        if self._entropy_control is not None:
+            bonus_mask = terms.bonus_mask(terms.all_sequences, entropy_mask).to(entropies.dtype)
+            self._entropy_control.update(
+                (entropies * bonus_mask).sum(), bonus_mask.sum(), step_end=self.accelerator.sync_gradients,
+                reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
+            )  # fmt: skip
+        if self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     def _log_loss_metrics(self, stats, entropies, mask, mode):
         def reduce(t):
@@ -762,14 +716,87 @@ class GRPOTrainer(PosttrainTrainer):
 
     def save_extra_state(self, folder: str) -> None:
         super().save_extra_state(folder)
-        if self.args.use_adaptive_entropy:
+        if self._entropy_control is not None:
             with open(os.path.join(folder, ENTROPY_STATE_FILE), "w") as f:
-                json.dump({"entropy_coef": self.entropy_coef, "last_world_entropy": self._last_world_entropy}, f)
+                json.dump(self._entropy_control.state_dict(), f)
 
     def load_extra_state(self, checkpoint: str) -> None:
         super().load_extra_state(checkpoint)
         path = os.path.join(checkpoint, ENTROPY_STATE_FILE)
-        if self.args.use_adaptive_entropy and os.path.exists(path):
+        if self._entropy_control is not None and os.path.exists(path):
             with open(path) as f:
-                state = json.load(f)
-            self.entropy_coef, self._last_world_entropy = state["entropy_coef"], state["last_world_entropy"]
+                self._entropy_control.load_state_dict(json.load(f))
+
+
+class _LossTerms:
+    """GRPO's loss of one micro-batch, by sequences: `of_sequences` gives the share of the micro-batch's loss (policy
+    term over the accumulation steps, minus the entropy bonus) of any subset of its sequences, with the whole
+    micro-batch's normalizers, so that the fused head's chunks of whole sequences sum to the micro-batch's loss."""
+
+    def __init__(self, trainer: "GRPOTrainer", inputs: dict, mode: str):
+        args = trainer.args
+        self.trainer, self.inputs, self.args = trainer, inputs, args
+        self.mask = inputs["completion_mask"]
+        self.width = self.mask.shape[1]
+        self.all_sequences = torch.arange(self.mask.shape[0], device=self.mask.device)
+        self.accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1
+        self.token_normalized = args.loss_type in TOKEN_NORMALIZED_LOSSES
+        if self.token_normalized:
+            # the loss tokens of the whole generation batch, per process and micro-step (may be below 1)
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * self.accumulation / args.steps_per_generation
+            self.num_items = num_items
+        else:
+            self.num_items = self.mask.sum().clamp(min=1)  # bnpo's micro-batch token mean
+        self.bonus_enabled = args.entropy_coef != 0.0 or args.use_adaptive_entropy
+        control = trainer._entropy_control
+        self.bonus_coef = control.applied_coef if control is not None else args.entropy_coef
+        self.groups = self.all_sequences[:, None].expand(-1, inputs["prompt_ids"].shape[1] + self.width - 1)
+
+    def bonus_mask(self, sequences, entropy_mask):
+        mask = self.mask[sequences]
+        return mask if entropy_mask is None else mask * entropy_mask
+
+    def policy_loss(self, sequences, logps, entropy_mask=None, return_metrics=False):
+        inputs, args, trainer = self.inputs, self.args, self.trainer
+        old = inputs.get("old_per_token_logps")
+        old = old[sequences] if old is not None else None
+        sampling = inputs.get("sampling_per_token_logps")
+        ref = inputs.get("ref_per_token_logps")
+        advantages = inputs["advantages"][sequences]
+        weights = policy_weights(
+            logps, self.mask[sequences], advantages, entropy_mask=entropy_mask,
+            off_policy_threshold=args.off_policy_mask_threshold,
+            sampling_logps=sampling[sequences] if sampling is not None else old,
+        )  # fmt: skip
+        return grpo_loss(
+            logps, old, advantages, self.mask[sequences], ref_logps=ref[sequences] if ref is not None else None,
+            beta=trainer.beta, epsilon_low=trainer.epsilon_low, epsilon_high=trainer.epsilon_high, delta=args.delta,
+            loss_type=args.loss_type, importance_sampling_level=args.importance_sampling_level,
+            max_completion_length=args.max_completion_length, num_items=self.num_items,
+            num_sequences=len(self.all_sequences), sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg, vespo_k_pos=args.vespo_k_pos,
+            vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg, use_bias_correction_kl=args.use_bias_correction_kl,
+            policy_weights=weights, return_metrics=return_metrics, impl=trainer._ops_impl,
+        )  # fmt: skip
+
+    def of_sequences(self, sequences, logps, entropies, entropy_mask=None) -> torch.Tensor:
+        policy = self.policy_loss(sequences, logps, entropy_mask)
+        # dapo / cispo / vespo are normalized by the accumulated batch's token count already; the rest by micro-step
+        loss = policy if self.token_normalized else policy / self.accumulation
+        if self.bonus_enabled:
+            # with top_entropy_quantile < 1 the bonus acts on the same high-entropy tokens as the policy gradient (the
+            # entropy mask then covers the whole micro-batch, and so do `sequences`)
+            num_tokens = self.bonus_mask(self.all_sequences, entropy_mask).sum().clamp(min=1)
+            loss = loss - entropy_bonus(
+                entropies, self.bonus_mask(sequences, entropy_mask), self.bonus_coef, accumulation=self.accumulation,
+                num_tokens=num_tokens,
+            )  # fmt: skip
+        return loss
+
+    def of_chunk(self, layout: LabelLayout, chunk) -> torch.Tensor:
+        sequences = torch.unique(layout.sequence_of(chunk.rows))
+        logps, entropies, _ = layout.dense(chunk.rows, chunk.logprobs, chunk.entropy, sequences=sequences)
+        return self.of_sequences(sequences, logps[:, -self.width :], entropies[:, -self.width :])

@@ -1,5 +1,6 @@
 """SFTTrainer: TRL 1.16's supervised fine-tuning, with the loss from the fused log-prob head (no [B, T, V] logits)."""
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -10,7 +11,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 from posttrain.configs.sft import SFTConfig
 from posttrain.data.packing import DataCollatorForLanguageModeling
 from posttrain.data.sft import check_assistant_only_loss, first_example, prepare_sft_dataset, set_chat_template
+from posttrain.losses.sft import sft_loss
 from posttrain.models.attention import use_padding_free_attention
+from posttrain.models.lm_head import HeadLoss
 
 from .base import PosttrainTrainer, check_train_dataset, router_aux_loss_setup
 
@@ -237,13 +240,10 @@ class SFTTrainer(PosttrainTrainer):
             with torch.no_grad():
                 out = model(**model_inputs, logprob_labels=labels)
         else:
-            out = model(**model_inputs, logprob_labels=labels)
-            per_token = -out.logprobs
-            if self.args.loss_type == "dft":
-                per_token = per_token * out.logprobs.detach().exp()
-            count = out.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-            # clamped: a micro-batch with no label token contributes a zero loss, not 0 / 0
-            loss = per_token.sum() / torch.as_tensor(count).clamp(min=1)
+            count = (labels[:, 1:] != -100).sum() if num_items_in_batch is None else num_items_in_batch
+            head_loss = HeadLoss(functools.partial(_chunk_loss, num_tokens=count, loss_type=self.args.loss_type))
+            out = model(**model_inputs, logprob_labels=labels, head_loss=head_loss)
+            loss = out.loss
             if self.aux_loss_enabled:
                 weighted_aux_loss = self.router_aux_loss_coef * out.aux_loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -301,6 +301,11 @@ class SFTTrainer(PosttrainTrainer):
             if not self._skip_prepare_dataset:
                 eval_dataset = self._prepare_eval(eval_dataset, self.args)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+
+def _chunk_loss(chunk, num_tokens, loss_type: str) -> torch.Tensor:
+    # every token's loss is its own: any chunk of the label tokens sums its share of the batch's
+    return sft_loss(chunk.logprobs, num_tokens, loss_type)
 
 
 def _check_loss_options(args: SFTConfig, compute_loss_func) -> None:

@@ -235,3 +235,64 @@ def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():
             param.mul_(-1.0)
         after = clone(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels).logprobs
     torch.testing.assert_close(after, before)
+
+
+# ---- head losses: the loss and its gradients computed in the forward ----
+
+
+def _sequence_mean_loss(layout, weights):
+    """A loss that needs whole sequences: each sequence's mean of weight * logp + 0.1 entropy, summed."""
+
+    def loss_fn(chunk):
+        sequences = torch.unique(layout.sequence_of(chunk.rows))
+        logps, entropy, mask = layout.dense(chunk.rows, chunk.logprobs, chunk.entropy, sequences=sequences)
+        per_token = weights[sequences, None] * logps + 0.1 * entropy
+        return (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum()
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("use_fused_kernels", [True, False], ids=["fused", "plain"])
+def test_head_loss_matches_autograd_through_the_logprobs(use_fused_kernels):
+    from posttrain.models.lm_head import HeadLoss, LabelLayout
+    from posttrain.ops import LossChunk
+
+    ids, attention_mask, labels = _batch()
+    weights = torch.tensor([0.5, -1.0, 2.0])
+    mask = labels[:, 1:] != -100
+    grads, losses = [], []
+    for with_head_loss in (False, True):
+        model, _ = tiny_causal_lm(seed=14)
+        add_fused_logprob_head(model, entropy=True, use_fused_kernels=use_fused_kernels)
+        loss_fn = _sequence_mean_loss(LabelLayout(mask), weights)
+        if with_head_loss:
+            groups = torch.arange(3)[:, None].expand_as(mask)
+            out = model(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels,
+                        head_loss=HeadLoss(loss_fn, groups=groups))  # fmt: skip
+            assert not out.logprobs.requires_grad and out.loss.requires_grad
+            loss = out.loss
+        else:
+            out = model(input_ids=ids, attention_mask=attention_mask, logprob_labels=labels)
+            rows = torch.arange(int(mask.sum()))
+            loss = loss_fn(LossChunk(rows, out.logprobs[mask], out.entropy[mask], None, None, None))
+        (0.37 * loss).backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_layout_places_each_position_in_its_sequence():
+    from posttrain.models.lm_head import packed_layout
+
+    # sequences of 3, 4 and 2 tokens back to back; a sequence's first token is predicted from nothing (-100)
+    labels = torch.arange(9)[None]
+    labels[0, [0, 3, 7]] = -100
+    layout = packed_layout(labels[:, 1:] != -100, torch.tensor([3, 4, 2]))
+    rows = torch.arange(6)
+    values = labels[0, 1:][labels[0, 1:] != -100].double()
+    (dense, mask) = layout.dense(rows, values, sequences=torch.tensor([2, 0, 1]))
+    assert torch.equal(dense, torch.tensor([[8.0, 0, 0], [1, 2, 0], [4, 5, 6]], dtype=torch.float64))
+    assert torch.equal(layout.sequence_of(rows), torch.tensor([0, 0, 1, 1, 1, 2]))
+    assert torch.equal(mask, dense != 0)

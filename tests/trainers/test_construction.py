@@ -158,3 +158,25 @@ def test_lazy_names_cover_every_trainer():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SFTConfig(output_dir="unused", bf16=False)  # no deprecation warning the user cannot act on
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_activation_offloading_and_tiled_mlp_leave_the_training_unchanged(name, tiny_model_dir, tmp_path):
+    """Offloading moves the saved activations to CPU memory and back: bit-identical steps. Tiled MLPs recompute
+    each tile in backward: the same steps up to fp32 summation order."""
+    trainer_class, config_class, _, _, config = TRAINERS[name]
+    runs = {}
+    for option in ("plain", "activation_offloading", "tiled_mlp"):
+        extra = {} if option == "plain" else {option: True, "tiled_mlp_tile_tokens": 5}
+        args = config_class(output_dir=str(tmp_path / option), **{**COMMON, "max_steps": 2}, **config, **extra)
+        trainer = _build(name, tiny_model_dir, tmp_path, args=args)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        runs[option] = (losses, torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+        if option == "activation_offloading":
+            assert trainer._offload_context.offloaded_tensors > 0
+    plain_losses, plain_params = runs["plain"]
+    assert runs["activation_offloading"][0] == plain_losses
+    assert torch.equal(runs["activation_offloading"][1], plain_params)
+    torch.testing.assert_close(runs["tiled_mlp"][0], plain_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs["tiled_mlp"][1], plain_params, rtol=1e-4, atol=1e-6)

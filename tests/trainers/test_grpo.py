@@ -111,6 +111,11 @@ PARITY = {
          "entropy_coef": 0.01, "beta": 0.05},
         False,
     ),
+    "vespo_beta_iterations": (
+        standard_dataset, ["letters", "distinct"],
+        {"loss_type": "vespo", "num_iterations": 2, "beta": 0.05, "vespo_k_pos": 1.5, "vespo_lambda_neg": 2.5},
+        False,
+    ),
     "conversational_reward_model_eval": (
         conversational_dataset, ["solution", "reward_model"],
         {"loss_type": "cispo", "epsilon_high": 0.5, "multi_objective_aggregation": "normalize_then_sum",
@@ -410,7 +415,7 @@ def test_all_none_rewards_warn_and_give_zero_advantages(model_dir, tmp_path):
         return [None] * len(completions)
 
     trainer = posttrain.GRPOTrainer(model_dir, abstains, args=tiny_args(tmp_path), train_dataset=standard_dataset())
-    with pytest.warns(UserWarning, match="every reward function returned None for 4 of 4 completions"):
+    with pytest.warns(UserWarning, match="every reward function returned None or NaN for 4 of 4 completions"):
         trainer.train()
     logs = trainer.state.log_history[0]
     assert torch.equal(trainer._buffered_inputs[0]["advantages"], torch.zeros(4))
@@ -421,12 +426,11 @@ def test_all_none_rewards_warn_and_give_zero_advantages(model_dir, tmp_path):
     ("overrides", "trainer_kwargs", "error", "match"),
     [
         ({"use_vllm": True}, {}, ImportError, "vllm is not installed"),
-        ({"loss_type": "vespo"}, {}, NotImplementedError, "loss_type='vespo'"),
         ({}, {"tools": [len]}, NotImplementedError, "tools"),
         ({"reward_weights": [1.0, 2.0]}, {}, ValueError, "reward_weights has 2 weights but there are 1"),
         ({}, {"reward_processing_classes": [None, None]}, ValueError, "2 entries for 1 reward functions"),
     ],
-    ids=["vllm_missing", "vespo", "tools", "weights", "reward_tokenizers"],
+    ids=["vllm_missing", "tools", "weights", "reward_tokenizers"],
 )
 def test_unsupported_or_inconsistent_options(model_dir, tmp_path, overrides, trainer_kwargs, error, match):
     with pytest.raises(error, match=match):

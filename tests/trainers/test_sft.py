@@ -460,7 +460,6 @@ def test_model_init_kwargs_with_a_built_model_warn_as_in_trl(tiny_model_dir, tmp
         ("truncation_mode", "middle", "truncation_mode 'middle' is not one of: keep_start, keep_end"),
         ("pad_to_multiple_of", 0, "pad_to_multiple_of must be a positive integer"),
         ("pad_to_multiple_of", "eight", "pad_to_multiple_of must be an integer, 'auto' or None, got 'eight'"),
-        ("activation_offloading", True, "activation_offloading=True is not supported"),
     ],
 )
 def test_config_rejects_bad_values(field, value, message, tmp_path):
