@@ -14,7 +14,6 @@ stderr with exit code 2.
 import argparse
 import dataclasses
 import difflib
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +24,8 @@ import warnings
 from pathlib import Path
 
 from posttrain import __version__
+from posttrain._compat import end_training
+from posttrain._optional import is_available, require
 
 TRAINERS = ("sft", "dpo", "grpo")
 COMMANDS = (*TRAINERS, "quickstart", "bench")
@@ -59,14 +60,16 @@ class CLIError(Exception):
     """A bad invocation: reported as one line on stderr, with exit code 2."""
 
 
-def require_module(module: str, feature: str, install: str) -> None:
-    """Raise CLIError (`feature` needs `module`: pip install `install`) when an optional dependency is missing.
+def require_module(module: str, feature: str) -> None:
+    """posttrain._optional.require as a CLIError (one line on stderr, exit code 2).
 
     Example:
-        >>> require_module("bitsandbytes", "--load_in_4bit", "posttrain[qlora]")
+        >>> require_module("bitsandbytes", "--load_in_4bit")
     """
-    if importlib.util.find_spec(module) is None:
-        raise CLIError(f"{feature} needs {module}, which is not installed: pip install '{install}'")
+    try:
+        require(module, feature)
+    except ImportError as err:
+        raise CLIError(str(err)) from None
 
 
 @dataclasses.dataclass
@@ -160,7 +163,7 @@ class ModelArguments:
         if not (self.load_in_4bit or self.load_in_8bit):
             return None
         flag = "--load_in_4bit" if self.load_in_4bit else "--load_in_8bit"
-        require_module("bitsandbytes", flag, "posttrain[qlora]")
+        require_module("bitsandbytes", flag)
         from transformers import BitsAndBytesConfig
 
         if self.load_in_8bit:
@@ -219,7 +222,7 @@ class LoraArguments:
 
 def peft_available() -> bool:
     """Whether peft is installed (the LoRA flags are offered only then)."""
-    return importlib.util.find_spec("peft") is not None
+    return is_available("peft")
 
 
 def _trainer_classes(command: str):
@@ -465,8 +468,7 @@ def run_training(command: str, argv: list[str]) -> int:
     trainer.accelerator.print(f"Training done; model saved to {config.output_dir}")
     if config.push_to_hub:
         trainer.push_to_hub(dataset_name=script.dataset_name)
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
-        trainer.end()
+    end_training(trainer)
     return 0
 
 
@@ -481,6 +483,7 @@ def load_training_dataset(command: str, script: ScriptArguments):
     import datasets
 
     from posttrain.data.builtin import builtin_dataset
+    from posttrain.models.loading import looks_like_path
 
     name = script.dataset_name
     if name is None:
@@ -496,7 +499,7 @@ def load_training_dataset(command: str, script: ScriptArguments):
             loaded = datasets.load_from_disk(str(path))
             loaded = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
             return _maybe_stream(loaded, script.dataset_streaming)
-        if not path.is_dir() and (_looks_like_path(name) or path.suffix.lower() in DATA_FILE_BUILDERS):
+        if not path.is_dir() and (looks_like_path(name) or path.suffix.lower() in DATA_FILE_BUILDERS):
             raise CLIError(f"dataset_name {name!r}: no such file or directory")
         return datasets.load_dataset(str(path) if path.is_dir() else name, name=script.dataset_config,
                                      streaming=script.dataset_streaming)  # fmt: skip
@@ -565,11 +568,6 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _looks_like_path(name: str) -> bool:
-    """A hub id is "name" or "owner/name"; anything else that does not exist locally was meant as a path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
 def _maybe_stream(dataset, streaming: bool):
     import datasets
 
@@ -602,8 +600,10 @@ def _resolve_model(model_args: ModelArguments, config, quantization=None):
             raise CLIError("quantization (--load_in_4bit / --load_in_8bit) needs --model_name_or_path: the built-in "
                            "model is built in code, not loaded")  # fmt: skip
         return _preset_model(model_args, config)
+    from posttrain.models.loading import looks_like_path
+
     path = Path(name).expanduser()
-    if not path.exists() and _looks_like_path(name):
+    if not path.exists() and looks_like_path(name):
         raise CLIError(f"model_name_or_path {name!r}: no such directory")
     if path.exists() and not path.is_dir():
         raise CLIError(f"model_name_or_path {name!r}: not a directory (a model is a directory with its config.json)")

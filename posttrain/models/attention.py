@@ -11,11 +11,12 @@ attend across their boundaries. Every backend here isolates them:
 """
 
 import functools
-import importlib.util
 import inspect
 import math
 
 import torch
+
+from posttrain._optional import is_available
 
 VARLEN_ATTENTION = "posttrain_varlen"
 # Implementations that isolate packed sequences when given position_ids and no attention_mask
@@ -31,7 +32,7 @@ def padding_free_attn_implementation(device_type: str) -> str:
     """
     if device_type != "cuda":
         return "sdpa"
-    if importlib.util.find_spec("flash_attn") is not None:
+    if is_available("flash_attn"):
         return "flash_attention_2"
     if _torch_varlen() is not None:
         register_varlen_attention()

@@ -1,11 +1,13 @@
 """Loading models and tokenizers the way TRL's trainers do, and the optional PEFT wrapping."""
 
-import importlib.util
 import warnings
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from posttrain._optional import require
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -29,10 +31,28 @@ def create_model(model_id: str, model_init_kwargs: dict | None = None, architect
         raise ValueError(f"model_init_kwargs['dtype'] must be a torch.dtype or a string, got {dtype!r}")
     if "device_map" not in kwargs:
         kwargs["device_map"] = None if PartialState().device.type in ("cpu", "mps") else "auto"
+    check_local_path(model_id, "model")
+    if "quantization_config" in kwargs:
+        require("bitsandbytes", "model_init_kwargs['quantization_config']")
     try:
         return architecture.from_pretrained(model_id, **kwargs)
     except OSError as err:
         raise OSError(f"could not load a model from {model_id!r}: {err}") from err
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is "name" or "owner/name"; anything else was meant as a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_local_path(name: str, field_name: str) -> None:
+    """A `name` meant as a local path must be an existing directory (the hub would say "Repo id must be in the form
+    ..." instead)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise OSError(f"{field_name} {name!r} is a file, not a directory: from_pretrained loads a saved directory")
+    if not path.exists() and looks_like_path(name):
+        raise OSError(f"{field_name} {name!r}: no such directory")
 
 
 def resolve_model(model, model_init_kwargs: dict | None, field_name: str = "model") -> PreTrainedModel:
@@ -69,8 +89,7 @@ def apply_peft(model: PreTrainedModel, peft_config, keep_adapter_dtype: bool = F
     parameters into buffers of one dtype)."""
     if peft_config is None:
         return model
-    if importlib.util.find_spec("peft") is None:
-        raise ImportError("peft_config was given but peft is not installed: pip install 'posttrain[peft]'")
+    require("peft", "peft_config")
     from peft import PeftConfig, get_peft_model
 
     if not isinstance(peft_config, PeftConfig):

@@ -18,7 +18,6 @@ A trainer's __init__ runs these steps in TRL's order and keeps only what is its 
 import contextlib
 import copy
 import dataclasses
-import importlib.util
 import os
 import warnings
 from collections import defaultdict
@@ -40,9 +39,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from posttrain._compat import checkpointing_disabled, declare_loss_scaling
+from posttrain._optional import require
 from posttrain.models.lm_head import FusedHead, add_fused_logprob_head, fused_head_of
-from posttrain.models.offloading import ActivationOffloading
-from posttrain.models.tiled_mlp import apply_tiled_mlp
 from posttrain.models.loading import (
     apply_peft,
     create_model,
@@ -51,6 +49,8 @@ from posttrain.models.loading import (
     resolve_model,
     trainer_model_kwargs,
 )
+from posttrain.models.offloading import ActivationOffloading
+from posttrain.models.tiled_mlp import apply_tiled_mlp
 
 logger = logging.get_logger(__name__)
 
@@ -399,8 +399,7 @@ def keep_liger_off_the_head(args) -> None:
         FutureWarning,
         stacklevel=3,
     )
-    if importlib.util.find_spec("liger_kernel") is None:
-        raise ImportError("use_liger_kernel=True but liger-kernel is not installed: pip install liger-kernel")
+    require("liger_kernel", "use_liger_kernel=True")
     liger_config = args.liger_kernel_config or {}
     if liger_config.get("fused_linear_cross_entropy"):
         raise ValueError(

@@ -2,6 +2,7 @@
 embedded default, local datasets, `bench`, `accelerate launch`, and one-line errors with exit code 2."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -309,9 +310,9 @@ def test_bad_quantization_is_one_line(capsys, tmp_path, tiny_model_dir, flags, e
 
 
 def test_quantization_without_bitsandbytes_says_what_to_install(capsys, tmp_path, monkeypatch):
-    find_spec = cli.importlib.util.find_spec
+    find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        cli.importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
     )
     code, _, err = _run(capsys, "sft", *QUICK, "--output_dir", str(tmp_path), "--load_in_4bit", "--use_peft")
     _assert_one_line_error(code, err, "--load_in_4bit needs bitsandbytes, which is not installed: pip install "
