@@ -1,14 +1,16 @@
-"""python -m benchmarks [--op OP ...] [--mode MODE ...] [--dtype bf16 ...] [--shape N=..,H=..] [--smoke] [--out DIR]
+"""python -m benchmarks [--op OP ...] [--mode MODE ...] [--dtype bf16 ...] [--shape N=..,H=..] [--provider NAME ...]
+                        [--smoke] [--trainers] [--base REF] [--out DIR]
 
 Times every registered op's providers (posttrain, torch reference, torch.compile, TRL, Liger), measures the device's
-matmul and copy ceilings in the same run, and writes results.csv, report.md, <op>.png and summary.json under --out.
---smoke runs tiny shapes on whatever device there is (the CPU and Triton's interpreter included) in seconds.
+matmul and copy ceilings and the LM heads' cuBLAS GEMM floors in the same run, and writes results.jsonl (each row as it
+is measured), then results.csv, report.md, report.png and summary.json under --out. --smoke runs tiny shapes on
+whatever device there is (the CPU and Triton's interpreter included) in seconds. --base REF times the same rows for
+another commit (a git worktree, its own posttrain) side by side with this checkout: OUT/head, OUT/base, OUT/compare.md.
 """
 
 import argparse
-import datetime
 import os
-import subprocess
+import signal
 import sys
 from pathlib import Path
 
@@ -35,70 +37,84 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--op", nargs="+", choices=sorted(REGISTRY), help="ops to run (default: all)")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: bf16 (fp32 with --smoke)")
-    parser.add_argument("--shape", nargs="+", type=_parse_shape, help="override the shape sweep, e.g. N=8192,H=896,V=151936")
+    parser.add_argument(
+        "--shape", nargs="+", type=_parse_shape, help="override the shape sweep, e.g. N=8192,H=896,V=151936"
+    )
+    parser.add_argument("--provider", nargs="+", help="only these providers (e.g. posttrain trl)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks that everything runs")
     parser.add_argument("--trainers", action="store_true", help="also the trainer-step rows (needs a GPU)")
+    parser.add_argument("--base", metavar="REF", help="also time the git commit REF (a worktree), side by side")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     return parser
 
 
-def environment(device) -> dict:
-    import transformers
-    import triton
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return {
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else f"{device.type} (smoke)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-        "commit": commit.stdout.strip() or "unknown",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-    }
+def forwarded_args(args) -> list[str]:
+    """The command line of `args` without --base and --out (what --base runs for each commit)."""
+    argv = ["--mode", *args.mode]
+    for flag, values in (("--op", args.op), ("--dtype", args.dtype), ("--provider", args.provider)):
+        argv += [flag, *values] if values else []
+    if args.shape:
+        argv += ["--shape", *(",".join(f"{k}={v}" for k, v in shape.items()) for shape in args.shape)]
+    return argv + ["--smoke"] * args.smoke + ["--trainers"] * args.trainers
 
 
-def measure_ceilings(dtypes, device, smoke: bool) -> dict:
-    from benchmarks.ceilings import copy_gbps, matmul_tflops
-
-    size, n_bytes = (256, 2**24) if smoke else (8192, 2**30)
-    ceilings = {f"matmul_tflops_{str(d).removeprefix('torch.')}": matmul_tflops(d, device, size) for d in dtypes}
-    ceilings["copy_gbps"] = copy_gbps(device, n_bytes)
-    return ceilings
+def _stop_on_sigterm():
+    # a time limit's SIGTERM unwinds through `finally`, so the report covers what was measured
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def main(argv=None) -> int:
-    from benchmarks.ceilings import gemm_floor_ms
+def measure(args, device, recorder) -> None:
+    from benchmarks.environment import record_ceilings, record_floor
     from benchmarks.registry import REGISTRY
-    from benchmarks.report import write_all
     from benchmarks.runner import run_op
 
-    args = build_parser().parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.smoke:
-        print("no CUDA device: the full sweep needs a GPU; run with --smoke to exercise the suite here", file=sys.stderr)
-        return 2
     dtypes = [DTYPES[d] for d in (args.dtype or (["fp32"] if args.smoke else ["bf16"]))]
-    env = environment(device)
-    print(f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
-    ceilings = measure_ceilings(dtypes, device, args.smoke)
-    print("# ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
-    rows, notes, gemm_floors = [], [], {}
+    record_ceilings(recorder, dtypes, device, args.smoke)
+    floors = set()
     for name in args.op or list(REGISTRY):
         bench = REGISTRY[name]
         shapes = args.shape or (bench.smoke_shapes if args.smoke else bench.shapes)
-        rows += run_op(bench, shapes, dtypes, args.mode, device, log=print)
-        if name == "fused_linear_logprob" and "full" in args.mode:
-            for shape in shapes:
-                for dtype in dtypes:
-                    key = (shape["N"], shape["H"], shape["V"], str(dtype).removeprefix("torch."))
-                    gemm_floors[key] = gemm_floor_ms(shape["N"], shape["H"], shape["V"], dtype, device)
-    trainer_rows = []
+        run_op(bench, shapes, dtypes, args.mode, device, recorder, only=args.provider)
+        if bench.floor is None or "full" not in args.mode:
+            continue
+        for shape in shapes:
+            for dtype in dtypes:
+                key = (shape["N"], shape["H"], shape["V"], dtype)
+                if key not in floors:
+                    floors.add(key)
+                    record_floor(recorder, shape, dtype, device)
     if args.trainers:
         from benchmarks.trainers import run_trainers
 
-        trainer_rows = run_trainers(device, smoke=args.smoke, log=print)
-    write_all(args.out, rows, env, ceilings, notes, gemm_floors, trainer_rows)
-    print(f"# wrote {args.out}/results.csv, report.md, summary.json and plots")
+        run_trainers(device, recorder, smoke=args.smoke)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.base:
+        from benchmarks.base import run_base
+
+        return run_base(args.base, forwarded_args(args), args.out)
+    from benchmarks.environment import record_environment
+    from benchmarks.report import write_all
+    from benchmarks.sink import Recorder
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        print(
+            "no CUDA device: the full sweep needs a GPU; run with --smoke to exercise the suite here", file=sys.stderr
+        )
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.jsonl").unlink(missing_ok=True)
+    recorder = Recorder(args.out / "results.jsonl")
+    _stop_on_sigterm()
+    try:
+        record_environment(recorder, device)
+        measure(args, device, recorder)
+    finally:
+        write_all(args.out, recorder.rows)
+        print(f"# wrote {args.out}/results.jsonl, results.csv, report.md, report.png and summary.json")
     return 0
 
 

@@ -1,40 +1,106 @@
 #!/usr/bin/env bash
-# What a lent GPU should run, phase by phase (each fits one 10-minute device call):
-#   tests     the kernel-side tests (tests/ops, kernels, models, csrc: their tensors go to the GPU when there is one,
-#             see tests/conftest.py) and every other gpu-marked test
-#   check     fused_linear_logprob forward+backward in bf16 at the two reference shapes, against the torch
-#             reference, TRL's fused head and Liger's fused linear cross entropy
-#   ops       the whole op sweep (python -m benchmarks)
-#   trainers  the SFT / DPO / GRPO step rows against TRL, with the longest DPO / GRPO sequence that fits
-# Usage (repository root, posttrain installed): benchmarks/gpu_check.sh OUT_DIR [PHASE ...]   (default: tests check)
+# What a lent GPU runs, in one device call (repository root, posttrain installed; see benchmarks/NOTES.md's runbook):
+#
+#   benchmarks/gpu_check.sh OUT first [--smoke]   the first GPU run, phase by phase, each under its own deadline
+#   benchmarks/gpu_check.sh OUT ops               the whole op sweep (python -m benchmarks), for a follow-up call
+#
+# first: (a) tests     a chosen subset of the gpu-marked tests (the bf16 kernel cases), capped at 170 s
+#        (b) verify    posttrain and torch at bf16 against an fp32 reference at the two headline shapes
+#        (c) headline  ceilings, GEMM floors, fused_linear_logprob and the fused linear loss rows against TRL's head,
+#                      Liger, torch and torch.compile at the two headline shapes
+#        (d) tiles     each candidate tile of the LM-head kernels pinned and timed in turn (POSTTRAIN_AUTOTUNE=1 gives
+#                      the candidates: benchmarks/tiles.py)
+#        (e) trainers  SFT / DPO / GRPO steps against TRL, then the longest sequence that fits, until the deadline
+#        then report.md, summary.json, results.csv and report.png from OUT/first.jsonl, where every phase appends
+#        each row as it is measured. A phase ends at min(its cap, the global deadline less what the later phases
+#        are guaranteed): a slow phase cannot eat the others' time. FIRST_BUDGET_S (default 540) is the whole
+#        script's wall time. Output files (8): nvidia_smi.txt tests.log run.log first.jsonl report.md summary.json
+#        results.csv report.png.
+# --smoke: the same script on the CPU (tiny fp32 shapes, Triton's interpreter; the gpu tests are collected and skipped).
 set -uo pipefail
-out=${1:-bench-out}
-shift || true
-phases=${*:-tests check}
-mkdir -p "$out"
-nvidia-smi > "$out/nvidia_smi.txt" 2>&1
-rc=0
-for phase in $phases; do
-  case $phase in
-    tests)
-      kernel_dirs="tests/ops tests/kernels tests/models tests/csrc"
-      # shellcheck disable=SC2086
-      pytest $kernel_dirs -q -p no:cacheprovider > "$out/gpu_tests.log" 2>&1 || rc=1
-      # shellcheck disable=SC2046,SC2086
-      pytest -m gpu -q -p no:cacheprovider $(printf -- '--ignore=%s ' $kernel_dirs) >> "$out/gpu_tests.log" 2>&1 || rc=1
-      grep -E "passed|failed|error" "$out/gpu_tests.log" | tail -n 4 ;;
-    check)
-      python -m benchmarks --op fused_linear_logprob --mode full --dtype bf16 \
-        --shape N=16384,H=4096,V=151936 N=8192,H=896,V=151936 --out "$out/check" > "$out/check.log" 2>&1 || rc=1
-      sed -n '/## fused_linear_logprob — full/,$p' "$out/check/report.md" ;;
-    ops)
-      python -m benchmarks --out "$out/ops" > "$out/ops.log" 2>&1 || rc=1
-      tail -n 3 "$out/ops.log" ;;
-    trainers)
-      python -m benchmarks --op dpo_loss --mode forward --shape B=64 --trainers --out "$out/trainers" \
-        > "$out/trainers.log" 2>&1 || rc=1
-      grep "\[trainers\]" "$out/trainers.log" ;;
-    *) echo "unknown phase: $phase (tests, check, ops, trainers)" >&2; rc=2 ;;
+usage="usage: benchmarks/gpu_check.sh OUT_DIR {first [--smoke] | ops}"
+[[ $# -ge 1 ]] || { echo "$usage" >&2; exit 2; }
+mkdir -p "$1" && out=$(cd "$1" && pwd)
+what=${2:-first}
+smoke=${3:-}
+cd "$(dirname "$0")/.." || exit 2
+python=${PYTHON:-python3}
+start=$(date +%s)
+end=$((start + ${FIRST_BUDGET_S:-540}))
+jsonl=$out/first.jsonl
+log=$out/run.log
+
+if ! "$python" -c "import posttrain.kernels" 2>/dev/null; then
+  # the editable install failed (e.g. the image's setuptools): run from the tree, kernels/ linked as posttrain.kernels
+  echo "posttrain is not installed: running from the tree" | tee -a "$log"
+  [[ -e posttrain/kernels ]] || ln -s ../kernels posttrain/kernels
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+phase_row() {  # NAME STATUS RC SECONDS
+  [[ -s $jsonl && -n $(tail -c 1 "$jsonl") ]] && echo >> "$jsonl"  # a killed phase's last line, cut short
+  printf '{"kind": "phase", "phase": "%s", "status": "%s", "rc": %s, "seconds": %s}\n' "$@" >> "$jsonl"
+}
+
+# run_phase NAME CAP_S RESERVE_S LOGFILE CMD...: CMD runs until min(now + CAP_S, end - RESERVE_S); it is told its
+# deadline (5 s earlier) in BENCH_DEADLINE, then killed by `timeout` at it.
+run_phase() {
+  local name=$1 cap=$2 reserve=$3 phase_log=$4 now stop rc status
+  shift 4
+  now=$(date +%s)
+  stop=$((now + cap))
+  ((stop > end - reserve)) && stop=$((end - reserve))
+  if ((stop - now < 10)); then
+    phase_row "$name" skipped 0 0
+    echo "[$name] skipped: $((stop - now)) s left for it"
+    return
+  fi
+  echo "== $name (+$((now - start)) s, until +$((stop - start)) s)" >> "$log"
+  BENCH_DEADLINE=$((stop - 5)) timeout -k 10 $((stop - now)) "$@" >> "$phase_log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=done ;;
+    124 | 137) status=timeout ;;
+    *) status=failed ;;
   esac
-done
-exit $rc
+  phase_row "$name" "$status" "$rc" "$(($(date +%s) - now))"
+  echo "[$name] $status (rc $rc) after $(($(date +%s) - now)) s"
+}
+
+# the bf16 kernel cases and the memory bound, cheaply; the fused linear loss's gpu tests when that op exists
+test_files=(tests/ops/test_fused_linear_logprob.py tests/ops/test_selective_log_softmax.py tests/ops/test_dpo_loss.py
+  tests/models/test_attention.py)
+[[ -f tests/ops/test_fused_linear_loss.py ]] && test_files+=(tests/ops/test_fused_linear_loss.py)
+workers=4
+[[ $smoke == --smoke ]] && workers=0
+gpu_tests=("$python" -m pytest -p no:cacheprovider -q -rfEs --durations=10 -n "$workers" -m gpu "${test_files[@]}"
+  -k "bf16 or extra_memory or varlen or (bfloat16 and (sigmoid-reverse_kl or ipo-js))")
+
+case $what in
+  first)
+    : > "$jsonl"
+    : > "$log"
+    : > "$out/tests.log"
+    clocks=(nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv)
+    { nvidia-smi && "${clocks[@]}"; } > "$out/nvidia_smi.txt" 2>&1
+    first=("$python" -m benchmarks.first)
+    [[ $smoke == --smoke ]] && first+=(--smoke)
+    # reserves: what the later phases are guaranteed (verify 30 s, headline 120, tiles 40, trainers 40, report 20)
+    run_phase tests 170 250 "$out/tests.log" "${gpu_tests[@]}"
+    tail -n 1 "$out/tests.log"
+    run_phase verify 60 220 "$log" "${first[@]}" verify --out "$out"
+    run_phase headline 200 100 "$log" "${first[@]}" headline --out "$out"
+    POSTTRAIN_AUTOTUNE=1 run_phase tiles 60 60 "$log" "${first[@]}" tiles --out "$out"
+    run_phase trainers 100000 20 "$log" "${first[@]}" trainers --out "$out"
+    "${clocks[@]}" >> "$out/nvidia_smi.txt" 2>&1  # the clocks again, after the load
+    timeout -k 5 60 "${first[@]}" report --out "$out" 2>> "$log"
+    echo "# $(($(date +%s) - start)) s in all; files under $out: $(cd "$out" && ls | tr '\n' ' ')"
+    ;;
+  ops)
+    "$python" -m benchmarks --out "$out" > "$log" 2>&1
+    rc=$?
+    cat "$out/report.md"
+    exit $rc
+    ;;
+  *) echo "$usage" >&2; exit 2 ;;
+esac

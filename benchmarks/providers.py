@@ -1,9 +1,9 @@
-"""The implementations each benchmark compares. A provider names the package it needs and the devices it runs on;
-one whose package is missing (or that cannot run on the device) is dropped with a note, never fatal."""
+"""The implementations each benchmark compares. A provider names the module it needs and the devices it runs on;
+one whose module is missing (or that cannot run on the device) is dropped with a note, never fatal."""
 
 import importlib.util
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +20,8 @@ from posttrain.ops import (
 
 # TRL's trainers call its fused head with this vocabulary chunk (trl/trainer/utils.py, TRL 1.16)
 TRL_CHUNK_SIZE = 32768
+# posttrain's 3-GEMM fused linear loss: older commits (--base) and some checkouts lack it
+FUSED_LOSS_MODULE = "posttrain.ops.fused_linear_loss"
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,19 @@ class Provider:
     devices: tuple[str, ...] = ("cuda", "cpu")
 
 
+def importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        return False
+
+
 def available(providers: dict[str, Provider], device: str) -> tuple[dict[str, Provider], list[str]]:
     """Split `providers` into those that can run on `device` and notes about the others."""
     runnable, notes = {}, []
     for name, provider in providers.items():
-        if provider.package is not None and importlib.util.find_spec(provider.package) is None:
-            notes.append(f"{name}: dropped, {provider.package} is not installed")
+        if provider.package is not None and not importable(provider.package):
+            notes.append(f"{name}: dropped, {provider.package} is not importable")
         elif device not in provider.devices:
             notes.append(f"{name}: dropped, does not run on {device}")
         else:
@@ -63,7 +72,8 @@ def _trl_fused_head(x):
 
 
 def _liger_flce(x):
-    # Liger's usual path: the summed NLL, gradients computed during the forward (a scalar output)
+    # Liger's usual path: the summed NLL, gradients computed during the forward (a scalar output). An easier problem
+    # than per-token log-probs with an upstream gradient known only in the backward: report.py labels it so.
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     return -liger_fused_linear_cross_entropy(x["hidden"], x["weight"], x["targets"], reduction="sum")
@@ -147,3 +157,61 @@ GRPO_LOSS = {
         devices=("cuda",),
     ),
 }
+
+
+# ---- The fused linear loss rows: a trainer's whole head, log-probs to loss, forward and backward ----
+
+GRPO_EPSILON, GRPO_EPSILON_HIGH, GRPO_BETA = 0.2, 0.28, 0.04
+
+
+def sft_nll(logprobs, rows, x):
+    """SFT's token-mean NLL, its normalizer (the batch's token count) known up front."""
+    return -logprobs.sum() / x["num_tokens"]
+
+
+def grpo_clipped(logprobs, rows, x):
+    """A GRPO step's loss (DAPO's normalizer: the batch's token count): the clipped importance ratio against the old
+    policy times the advantage, plus beta times the k3 estimate of the KL divergence to the reference policy."""
+    old, ref, advantages = x["old_logps"][rows], x["ref_logps"][rows], x["advantages"][rows]
+    ratio = torch.exp(logprobs - old)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - GRPO_EPSILON, 1 + GRPO_EPSILON_HIGH) * advantages)
+    kl = torch.exp(ref - logprobs) - (ref - logprobs) - 1
+    return (GRPO_BETA * kl - surrogate).sum() / x["num_tokens"]
+
+
+def _fused_loss(loss, impl):
+    def run(x):
+        from posttrain.ops.fused_linear_loss import fused_linear_loss
+
+        return fused_linear_loss(
+            x["hidden"], x["weight"], x["targets"], lambda chunk: loss(chunk.logprobs, chunk.rows, x), impl=impl
+        ).loss
+
+    return run
+
+
+def _liger_sft(x):
+    # the same problem as sft_nll: Liger's summed cross entropy over the batch's token count
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(x["hidden"], x["weight"], x["targets"], reduction="sum") / x["num_tokens"]
+
+
+def linear_loss_providers(loss, liger=None) -> dict[str, Provider]:
+    """posttrain's fused linear loss (3 GEMMs) against its 4-GEMM log-prob op, TRL's head and Liger (when it solves
+    the same problem) each followed by the same `loss` in torch, and the fused loss's torch path."""
+    providers = {
+        "posttrain": Provider(_fused_loss(loss, "triton"), FUSED_LOSS_MODULE),
+        "posttrain_logprob": Provider(
+            lambda x: loss(fused_linear_logprob(x["hidden"], x["weight"], x["targets"], impl="triton"), x["rows"], x)
+        ),
+        "torch": Provider(_fused_loss(loss, "torch"), FUSED_LOSS_MODULE),
+        "trl": Provider(lambda x: loss(_trl_fused_head(x), x["rows"], x), "trl"),
+    }
+    if liger is not None:
+        providers["liger"] = Provider(liger, "liger_kernel", ("cuda",))
+    return providers
+
+
+FUSED_LINEAR_LOSS_SFT = linear_loss_providers(sft_nll, liger=_liger_sft)
+FUSED_LINEAR_LOSS_GRPO = linear_loss_providers(grpo_clipped)

@@ -17,6 +17,8 @@ class OpBenchmark:
     make_inputs(shape, dtype, device, seed) returns a dict of tensors, including the leaves named in grad_names (which
     require grad) and "grad_output" (the upstream gradient of the provider's output). flops(shape, mode) and
     moved_bytes(shape, dtype, mode) are the work any implementation must do: they turn times into TFLOP/s and GB/s.
+    floor: "floor4_ms" or "floor3_ms" for an LM-head op (N, H, V shapes) whose forward+backward is compared with the
+    cuBLAS GEMMs it must at least do (ceilings.gemm_floor), measured in the same run.
     """
 
     name: str
@@ -30,6 +32,7 @@ class OpBenchmark:
     modes: tuple[str, ...] = ("forward", "backward", "full")
     bound: str = "compute"  # which ceiling its rows are compared with: "compute" (matmul) or "memory" (copy)
     baseline: str = "torch"
+    floor: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -46,6 +49,31 @@ def linear_logprob_inputs(shape, dtype, device, seed=0):
     targets = torch.randint(0, v, (n,), device=device, generator=gen)
     grad_output = torch.randn(n, device=device, generator=gen)
     return {"hidden": hidden, "weight": weight, "targets": targets, "grad_output": grad_output}
+
+
+# tokens per sequence in the loss rows (GRPO's advantage is per sequence)
+SEQ_LEN = 1024
+
+
+def linear_loss_inputs(shape, dtype, device, seed=0):
+    """linear_logprob_inputs plus what a trainer's loss takes: the old policy's and the reference's log-probs [N]
+    (float32), one advantage per sequence of SEQ_LEN tokens repeated over its tokens [N], the rows [N] and the batch's
+    token count (the loss normalizer, known up front)."""
+    x = linear_logprob_inputs(shape, dtype, device, seed)
+    n = shape["N"]
+    gen = _generator(device, seed + 1000)
+    x["old_logps"] = -3 * torch.rand(n, device=device, generator=gen)
+    x["ref_logps"] = x["old_logps"] + 0.1 * torch.randn(n, device=device, generator=gen)
+    sequences = torch.randn(-(-n // SEQ_LEN), device=device, generator=gen)
+    x["advantages"] = sequences.repeat_interleave(SEQ_LEN)[:n]
+    x["rows"] = torch.arange(n, device=device)
+    x["num_tokens"] = n
+    return x
+
+
+def _linear_loss_flops(shape, mode):
+    # the logits, dH and dW: three N x H x V GEMMs (an implementation that recomputes the logits does a fourth)
+    return 3 * 2.0 * shape["N"] * shape["H"] * shape["V"]
 
 
 def _linear_logprob_flops(shape, mode):
@@ -134,14 +162,18 @@ def _grpo_loss_bytes(shape, dtype, mode):
     ]
 
 
+HEADLINE_SHAPES = [
+    {"N": 8192, "H": 896, "V": 151936},  # Qwen2-0.5B's head
+    {"N": 16384, "H": 4096, "V": 151936},  # a 7B-class head
+]
+
 REGISTRY: dict[str, OpBenchmark] = {
     "fused_linear_logprob": OpBenchmark(
         name="fused_linear_logprob",
         make_inputs=linear_logprob_inputs,
         providers=P.FUSED_LINEAR_LOGPROB,
         shapes=[
-            {"N": 8192, "H": 896, "V": 151936},  # Qwen2-0.5B's head
-            {"N": 16384, "H": 4096, "V": 151936},  # a 7B-class head
+            *HEADLINE_SHAPES,
             {"N": 4096, "H": 2048, "V": 128256},  # Llama-3.2-1B-like
             {"N": 16384, "H": 1536, "V": 151936},  # Qwen2-1.5B, a long batch
         ],
@@ -149,7 +181,23 @@ REGISTRY: dict[str, OpBenchmark] = {
         grad_names=("hidden", "weight"),
         flops=_linear_logprob_flops,
         moved_bytes=_linear_logprob_bytes,
+        floor="floor4_ms",
     ),
+    **{
+        f"fused_linear_loss_{loss}": OpBenchmark(
+            name=f"fused_linear_loss_{loss}",
+            make_inputs=linear_loss_inputs,
+            providers=providers,
+            shapes=HEADLINE_SHAPES,
+            smoke_shapes=[{"N": 37, "H": 32, "V": 1000}],
+            grad_names=("hidden", "weight"),
+            flops=_linear_loss_flops,
+            moved_bytes=_linear_logprob_bytes,
+            modes=("full",),
+            floor="floor3_ms",
+        )
+        for loss, providers in (("sft", P.FUSED_LINEAR_LOSS_SFT), ("grpo", P.FUSED_LINEAR_LOSS_GRPO))
+    },
     "selective_log_softmax": OpBenchmark(
         name="selective_log_softmax",
         make_inputs=selective_inputs,

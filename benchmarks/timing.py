@@ -1,37 +1,68 @@
-"""Timing and memory measurement: CUDA events via triton.testing.do_bench on a GPU, a wall clock in smoke mode."""
+"""Timing and memory measurement: CUDA events around each run, the L2 flushed before it, on a GPU; a wall clock in
+smoke mode."""
 
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 MODES = ("forward", "backward", "full")  # full = forward + backward
+MIN_SAMPLES = 5
+L2_FLUSH_BYTES = 256 * 2**20  # more than any GPU's L2 (H100 50 MB, H200 60 MB)
+
+
+class Timing(NamedTuple):
+    """Milliseconds: the 20th, 50th and 80th percentiles over `samples` timed runs."""
+
+    p20: float
+    p50: float
+    p80: float
+    samples: int
 
 
 def _cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def quantiles_ms(fn: Callable[[], object], device, *, warmup_ms=25, rep_ms=100) -> tuple[float, float, float]:
-    """(p20, p50, p80) milliseconds of `fn` after warm-up.
+def quantiles_ms(fn: Callable[[], object], device, *, rep_ms=200, min_samples=MIN_SAMPLES, max_samples=100) -> Timing:
+    """Percentiles of `fn`'s time over at least `min_samples` runs, after one warm-up run.
 
-    On CUDA: triton.testing.do_bench (events, L2 flushed before every run). Elsewhere (smoke runs): the wall clock
-    over a few calls, which only shows that the path runs.
+    As many runs as fit in `rep_ms` (estimated from one timed run), within [min_samples, max_samples]. On CUDA each run
+    is timed with events and preceded by a 256 MiB write, so no run finds the last one's data in L2 (what
+    triton.testing.do_bench does, except that do_bench takes a single sample when one run outlasts its budget).
+    Elsewhere (smoke runs) the wall clock, which only shows that the path runs.
     """
-    if _cuda(device):
-        import triton.testing
+    fn()  # compilation, autotuning, the allocator's growth
+    if not _cuda(device):
+        samples = []
+        for _ in range(min_samples):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return _percentiles(samples)
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    estimate = _cuda_runs(fn, flush, 1)[0]
+    count = max(min_samples, min(max_samples, int(rep_ms / max(estimate, 1e-3))))
+    return _percentiles(_cuda_runs(fn, flush, count))
 
-        p50, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return p20, p50, p80
-    fn()
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
+
+def _cuda_runs(fn, flush: torch.Tensor, count: int) -> list[float]:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
         fn()
-        samples.append((time.perf_counter() - start) * 1e3)
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+
+
+def _percentiles(samples: list[float]) -> Timing:
     q = statistics.quantiles(samples, n=5, method="inclusive")
-    return q[0], statistics.median(samples), q[3]
+    return Timing(q[0], statistics.median(samples), q[3], len(samples))
 
 
 def peak_mb(fn: Callable[[], object], device) -> float | None:

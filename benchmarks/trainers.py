@@ -7,7 +7,6 @@ SFT: packed 2048-token rows, 8 per step. DPO: 8 pairs of 1024-token sequences. G
 
 import gc
 import importlib
-import importlib.util
 import tempfile
 import time
 import warnings
@@ -16,6 +15,8 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from benchmarks.providers import importable
+from benchmarks.sink import Recorder, past
 from posttrain.models import byte_level_tokenizer, tiny_qwen2_config
 
 QWEN2_05B = dict(
@@ -190,11 +191,16 @@ def grpo_step(library, model_dir, completion_len, steps, warmup, device_type):
 STEPS = {"sft": sft_step, "dpo": dpo_step, "grpo": grpo_step}
 
 
-def max_seq_len(step, library, model_dir, device_type, start: int, limit: int) -> int | None:
-    """The longest sequence (doubling from `start`, up to `limit`) with which one training step fits in memory."""
+def max_seq_len(
+    step, library, model_dir, device_type, start: int, limit: int, deadline=None
+) -> tuple[int | None, bool]:
+    """The longest sequence (doubling from `start`, up to `limit`) with which one training step fits in memory, and
+    whether the search finished (False: the deadline stopped it, the length is a lower bound)."""
     best = None
     length = start
     while length <= limit:
+        if past(deadline):
+            return best, False
         try:
             step(library, model_dir, length, 1, 0, device_type)
         except torch.cuda.OutOfMemoryError:
@@ -202,40 +208,61 @@ def max_seq_len(step, library, model_dir, device_type, start: int, limit: int) -
             break
         best = length
         length *= 2
-    return best
+    return best, True
 
 
-def run_trainers(device, smoke: bool = False, log=print) -> list[dict]:
-    """Rows of summary.json's "trainers": tokens/s and peak MB for posttrain and TRL, and (on a GPU) max_seq_len."""
-    if importlib.util.find_spec("trl") is None:
-        log("[trainers] skipped: trl is not installed (pip install 'posttrain[dev]')")
-        return []
+def _prefix(library: str) -> str:
+    return "" if library == "posttrain" else f"{library}_"
+
+
+def _measure(step, library, model_dir, seq_len, steps, warmup, device_type) -> dict:
+    prefix = _prefix(library)
+    try:
+        tokens_per_s, peak = step(library, model_dir, seq_len, steps, warmup, device_type)
+        return {f"{prefix}tokens_per_s": tokens_per_s, f"{prefix}peak_mb": peak}
+    except torch.cuda.OutOfMemoryError:
+        error = "out of memory"
+    except Exception as err:  # one broken trainer must not sink the others' rows
+        error = f"{type(err).__name__}: {err}"[:300]
+    _free()
+    return {f"{prefix}tokens_per_s": None, f"{prefix}peak_mb": None, f"{prefix}error": error}
+
+
+def run_trainers(device, recorder: Recorder, smoke: bool = False, deadline=None) -> None:
+    """Trainer rows into `recorder` (kind "trainer", one record per measurement; report.merged_trainer_rows joins
+    them): tokens/s and peak MB for posttrain and TRL, every trainer first, then (on a GPU) the longest DPO / GRPO
+    sequence that fits, until `deadline`."""
+    if not importable("trl"):
+        recorder.note("trainers: skipped, trl is not installed (pip install 'posttrain[dev]')")
+        return
     device_type = torch.device(device).type
     config, dtype = (tiny_qwen2_config().to_dict(), torch.float32) if smoke else (QWEN2_05B, torch.bfloat16)
     config = {k: v for k, v in config.items() if k in QWEN2_05B}
     seq = {"sft": 2048, "dpo": 1024, "grpo": 1024} if not smoke else {"sft": 64, "dpo": 32, "grpo": 16}
     steps, warmup = (2, 0) if smoke else (6, 2)
-    rows = []
     with tempfile.TemporaryDirectory() as root:
         model_dir = _model_dir(config, dtype, root)
         model_name = "tiny-qwen2 (smoke)" if smoke else "Qwen2-0.5B-shaped, random, bf16"
         for name, step in STEPS.items():
-            row = {"trainer": name, "model": model_name, "seq_len": seq[name]}
+            row = {"kind": "trainer", "trainer": name, "model": model_name, "seq_len": seq[name]}
             for library in LIBRARIES:
-                prefix = "" if library == "posttrain" else "trl_"
-                try:
-                    tokens_per_s, peak = step(library, model_dir, seq[name], steps, warmup, device_type)
-                except torch.cuda.OutOfMemoryError:
-                    _free()
-                    tokens_per_s, peak = None, None
-                row[f"{prefix}tokens_per_s"], row[f"{prefix}peak_mb"] = tokens_per_s, peak
-                if name in ("dpo", "grpo") and device_type == "cuda" and not smoke:
-                    row[f"{prefix}max_seq_len"] = max_seq_len(step, library, model_dir, device_type, 2048, 131072)
-                log(f"[trainers] {name:<5} {library:<10} {_fmt(tokens_per_s)} tokens/s, peak {_fmt(peak)} MB")
-            rows.append(row)
-    return rows
+                if past(deadline):
+                    recorder.note(f"trainers: deadline reached before {name} with {library}")
+                    return
+                row.update(_measure(step, library, model_dir, seq[name], steps, warmup, device_type))
+                recorder.record(dict(row))
+                tokens_per_s, peak = row[f"{_prefix(library)}tokens_per_s"], row[f"{_prefix(library)}peak_mb"]
+                recorder.log(f"[trainers] {name:<5} {library:<10} {_fmt(tokens_per_s)} tokens/s, peak {_fmt(peak)} MB")
+        if device_type != "cuda" or smoke:
+            return
+        for name in ("dpo", "grpo"):
+            for library in LIBRARIES:
+                best, finished = max_seq_len(STEPS[name], library, model_dir, device_type, 2048, 131072, deadline)
+                recorder.record({"kind": "trainer", "trainer": name, f"{_prefix(library)}max_seq_len": best})
+                if not finished:
+                    recorder.note(f"trainers: deadline cut {name}'s max_seq_len search with {library} at >= {best}")
+                    return
 
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
-

@@ -14,44 +14,56 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ("fused_linear_logprob", "selective_log_softmax", "dpo_loss", "grpo_advantages", "grpo_loss")
+LOSS_OPS = ("fused_linear_loss_sft", "fused_linear_loss_grpo")
+pytestmark = pytest.mark.skipif(not (ROOT / "benchmarks").is_dir(), reason="needs a posttrain checkout")
 
 
 def _bench(*args):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    command = [sys.executable, "-m", "benchmarks", *args]
+    return subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
 
 
-@pytest.mark.skipif(not (ROOT / "benchmarks").is_dir(), reason="needs a posttrain checkout")
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def test_smoke_run_writes_every_output(tmp_path):
     result = _bench("--smoke", "--mode", "forward", "full", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    for op in OPS:
+    rows = _csv(tmp_path / "results.csv")
+    for op in OPS + LOSS_OPS:
         for provider in ("posttrain", "torch"):
             mine = [r for r in rows if r["op"] == op and r["provider"] == provider]
-            assert {r["mode"] for r in mine} >= ({"forward"} if op == "grpo_advantages" else {"forward", "full"}), (op, provider)
-            assert all(r["error"] == "" and float(r["ms_p50"]) > 0 for r in mine), mine
+            modes = {"forward"} if op == "grpo_advantages" else {"full"} if op in LOSS_OPS else {"forward", "full"}
+            assert {r["mode"] for r in mine} >= modes, (op, provider)
+            assert all(r["error"] == "" and float(r["ms_p50"]) > 0 and int(r["samples"]) >= 5 for r in mine), mine
+    assert {r["provider"] for r in rows if r["op"] in LOSS_OPS} >= {"posttrain", "posttrain_logprob", "torch", "trl"}
     assert all(r["commit"] and r["torch"] and r["triton"] for r in rows)
+    streamed = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len([r for r in streamed if r["kind"] == "op"]) == len(rows)
     summary = json.loads((tmp_path / "summary.json").read_text())
     (entry,) = summary["fused_linear_logprob"]
     assert entry["ms"] > 0 and entry["torch_ms"] > 0 and entry["gemm_floor_ms"] > 0
+    assert {e["loss"] for e in summary["fused_linear_loss"]} == {"sft", "grpo"}
+    assert all(e["ms"] > 0 and e["trl_ms"] > 0 and e["gemm_floor_ms"] > 0 for e in summary["fused_linear_loss"])
     report = (tmp_path / "report.md").read_text()
-    assert all(f"## {op}" in report for op in OPS)
-    assert (tmp_path / "fused_linear_logprob.png").stat().st_size > 0
+    assert all(f"## {op}" in report for op in OPS + LOSS_OPS)
+    assert "- fused_linear_logprob: torch_compile: dropped, does not run on cpu" in report  # notes reach the report
+    assert (tmp_path / "report.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(not (ROOT / "benchmarks").is_dir(), reason="needs a posttrain checkout")
-def test_shape_override_and_bad_shape(tmp_path):
+def test_shape_override_provider_filter_and_bad_shape(tmp_path):
     result = _bench("--smoke", "--op", "selective_log_softmax", "--mode", "forward", "--shape", "N=3,V=77",
-                    "--out", str(tmp_path))  # fmt: skip
+                    "--provider", "torch", "--out", str(tmp_path))  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert {r["shape"] for r in rows} == {"N=3,V=77"}
+    rows = _csv(tmp_path / "results.csv")
+    assert {(r["shape"], r["provider"]) for r in rows} == {("N=3,V=77", "torch")}
     bad = _bench("--smoke", "--shape", "N=3;V=7")
     assert bad.returncode == 2 and "is not of the form" in bad.stderr
 
 
-@pytest.mark.skipif(not (ROOT / "benchmarks").is_dir(), reason="needs a posttrain checkout")
 def test_trainer_rows_in_smoke_mode(tmp_path):
     result = _bench("--smoke", "--op", "dpo_loss", "--mode", "forward", "--trainers", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
