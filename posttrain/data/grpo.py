@@ -17,7 +17,9 @@ class RepeatSampler(Sampler[int]):
     num_iterations x steps_per_generation, every data-loader batch of a chunk holds the same prompts, each repeated
     once per completion, which is the order TRL's GRPOTrainer draws prompts in (same seed, same order).
 
-    The permutation comes from the sampler's own generator, seeded once: successive epochs draw fresh permutations.
+    Epoch e is shuffled by the (e + 1)-th permutation of a generator seeded with `seed`: the order TRL's sampler
+    (seeded once, one permutation per epoch) draws in a straight run. `set_epoch` (which Trainer calls) picks the
+    epoch, so a run resumed in a later epoch continues that order instead of replaying epoch 0's.
 
     Example:
         >>> list(RepeatSampler(range(4), mini_repeat_count=2, batch_size=2, repeat_count=2, shuffle=False))
@@ -38,16 +40,23 @@ class RepeatSampler(Sampler[int]):
         self.batch_size = batch_size
         self.repeat_count = repeat_count
         self.shuffle = shuffle
-        self.generator = None
-        if shuffle:
-            self.generator = torch.Generator()
-            if seed is not None:
-                self.generator.manual_seed(seed)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the next iteration's order for `epoch` (0-based)."""
+        self.epoch = epoch
 
     def _order(self) -> list[int]:
-        if self.shuffle:
-            return torch.randperm(self.num_samples, generator=self.generator).tolist()
-        return list(range(self.num_samples))
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        generator = torch.Generator()
+        if self.seed is not None:
+            generator.manual_seed(self.seed)
+        for _ in range(epoch + 1):
+            order = torch.randperm(self.num_samples, generator=generator)
+        return order.tolist()
 
     def __iter__(self) -> Iterator[int]:
         order = self._order()

@@ -18,6 +18,7 @@ A trainer's __init__ runs these steps in TRL's order and keeps only what is its 
 import contextlib
 import copy
 import dataclasses
+import json
 import os
 import warnings
 from collections import defaultdict
@@ -55,6 +56,7 @@ from posttrain.models.tiled_mlp import apply_tiled_mlp
 logger = logging.get_logger(__name__)
 
 REF_MODEL_FILE = "ref_model.safetensors"
+TRAINER_STATE_FILE = "posttrain_state.json"
 
 
 class PosttrainTrainer(Trainer):
@@ -74,10 +76,13 @@ class PosttrainTrainer(Trainer):
     tokenizer_kwargs: ClassVar[dict] = {}
     # Whether a multimodal processor is accepted (its tokenizer then handles text data)
     accepts_processor: ClassVar[bool] = False
-    # The transformers auto class a model given as a string is loaded with
+    # The transformers auto class a model given as a string is loaded with, and from_pretrained keywords it always gets
     model_architecture: ClassVar[type] = AutoModelForCausalLM
+    model_init_overrides: ClassVar[dict] = {}
     # Whether the policy gets the fused log-prob head (not a reward model: it has no LM head)
     uses_fused_head: ClassVar[bool] = True
+    # Attributes (JSON values) a resumed run continues from, saved with every checkpoint
+    resumable_attributes: ClassVar[tuple[str, ...]] = ()
     loss_is_scaled_for_ga = None
 
     def __init__(self, *args, **kwargs):
@@ -130,7 +135,7 @@ class PosttrainTrainer(Trainer):
         it cannot quantize a model that is already built)."""
         self._model_revision = None
         if isinstance(model, str):
-            kwargs = trainer_model_kwargs(args, quantization_config)
+            kwargs = {**trainer_model_kwargs(args, quantization_config), **self.model_init_overrides}
             self._model_revision = kwargs.get("revision")
             return create_model(model, kwargs, architecture=self.model_architecture)
         if quantization_config is not None:
@@ -188,7 +193,8 @@ class PosttrainTrainer(Trainer):
                 f"{type(self).__name__} does not support nn.DataParallel ({args.n_gpu} GPUs visible to one process): "
                 "launch with `accelerate launch` or `torchrun`, or make one GPU visible with CUDA_VISIBLE_DEVICES"
             )
-        keep_liger_off_the_head(args)
+        if self.uses_fused_head:
+            keep_liger_off_the_head(args)
         self.fused_head = self.install_fused_head(self.policy_lm, args, **head_options) if self.uses_fused_head else None
         if getattr(args, "disable_dropout", False):
             disable_dropout(self.model)
@@ -249,9 +255,8 @@ class PosttrainTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            self.save_extra_state(folder)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.save_extra_state(folder)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -259,7 +264,13 @@ class PosttrainTrainer(Trainer):
             self.load_extra_state(checkpoint)
 
     def save_extra_state(self, folder: str) -> None:
-        """Write what resuming from `folder` needs beyond Trainer's own files. Subclasses extend it."""
+        """Write what resuming from `folder` needs beyond Trainer's own files (on every process: per-process state
+        goes in files of its own). Subclasses extend it; base: the `resumable_attributes` and the mixed reference."""
+        os.makedirs(folder, exist_ok=True)
+        if not self.args.should_save:
+            return
+        with open(os.path.join(folder, TRAINER_STATE_FILE), "w") as f:
+            json.dump({name: getattr(self, name) for name in self.resumable_attributes}, f)
         reference = getattr(self, "ref_model", None)
         if getattr(self.args, "sync_ref_model", False) and reference is not None:
             from safetensors.torch import save_model
@@ -268,6 +279,11 @@ class PosttrainTrainer(Trainer):
 
     def load_extra_state(self, checkpoint: str) -> None:
         """Read back what save_extra_state wrote. Subclasses extend it."""
+        path = os.path.join(checkpoint, TRAINER_STATE_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                for name, value in json.load(f).items():
+                    setattr(self, name, value)
         path = os.path.join(checkpoint, REF_MODEL_FILE)
         reference = getattr(self, "ref_model", None)
         if reference is not None and os.path.exists(path):
@@ -367,10 +383,13 @@ def set_eos_token(model, tokenizer, eos_token: str) -> None:
     _check_in_vocab(tokenizer, "eos_token", eos_token)
     tokenizer.eos_token = eos_token
     model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
-    current = model.generation_config.eos_token_id
+    generation_config = getattr(model, "generation_config", None)  # a sequence classifier has none
+    if generation_config is None:
+        return
+    current = generation_config.eos_token_id
     current = [] if current is None else [current] if isinstance(current, int) else list(current)
     if tokenizer.eos_token_id not in current:
-        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *current]
+        generation_config.eos_token_id = [tokenizer.eos_token_id, *current]
 
 
 def set_pad_token(model, tokenizer, pad_token: str | None) -> None:
@@ -385,7 +404,8 @@ def set_pad_token(model, tokenizer, pad_token: str | None) -> None:
     _check_in_vocab(tokenizer, "pad_token", pad_token)
     tokenizer.pad_token = pad_token
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def keep_liger_off_the_head(args) -> None:

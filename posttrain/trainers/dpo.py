@@ -76,6 +76,7 @@ class DPOTrainer(PosttrainTrainer):
 
     config_class = DPOConfig
     trainer_suffix = "DPO"
+    resumable_attributes = ("_total_train_tokens",)
     loss_is_scaled_for_ga = False
 
     def __init__(

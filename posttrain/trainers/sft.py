@@ -52,6 +52,7 @@ class SFTTrainer(PosttrainTrainer):
 
     config_class = SFTConfig
     trainer_suffix = "SFT"
+    resumable_attributes = ("_total_train_tokens",)
     accepts_processor = True
 
     def __init__(
