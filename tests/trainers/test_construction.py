@@ -10,7 +10,18 @@ from datasets import Dataset
 from transformers import AutoTokenizer, TrainingArguments
 
 import posttrain
-from posttrain import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from posttrain import (
+    DPOConfig,
+    DPOTrainer,
+    GRPOConfig,
+    GRPOTrainer,
+    KTOConfig,
+    KTOTrainer,
+    RewardConfig,
+    RewardTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
 from posttrain.models import byte_level_tokenizer, fused_head_of, tiny_causal_lm
 from posttrain.trainers.base import SyncRefModelCallback, model_name
 
@@ -42,7 +53,33 @@ TRAINERS = {
         {"reward_funcs": _reward},
         GRPO_EXTRA,
     ),
+    "kto": (
+        KTOTrainer,
+        KTOConfig,
+        lambda: Dataset.from_dict({"prompt": ["2+2=", "x"], "completion": ["4", "z"], "label": [True, False]}),
+        {},
+        {},
+    ),
+    "reward": (
+        RewardTrainer,
+        RewardConfig,
+        lambda: Dataset.from_dict({"prompt": ["2+2=", "x"], "chosen": ["4", "y"], "rejected": ["5", "z"]}),
+        {},
+        {},
+    ),
 }
+# The trainers that train a causal LM through the fused log-prob head
+LM_TRAINERS = [name for name in TRAINERS if name != "reward"]
+
+
+def _built_model(name):
+    """A freshly built model for trainer `name` (a one-score sequence classifier for the reward trainer)."""
+    model, tokenizer = tiny_causal_lm(seed=0)
+    if name == "reward":
+        from transformers import Qwen2ForSequenceClassification
+
+        model = Qwen2ForSequenceClassification(model.config.__class__(**{**model.config.to_dict(), "num_labels": 1}))
+    return model, tokenizer
 
 
 def _build(name, model, tmp_path, args=..., **kwargs):
@@ -59,17 +96,19 @@ def test_default_output_dir_ignores_a_trailing_slash(name, tiny_model_dir, tmp_p
     # the default config trains in bf16, which this CPU refuses: keep the default's every other value
     monkeypatch.setattr(trainer_class, "config_class", functools.partial(config_class, bf16=False, **config))
     args = trainer_class.resolve_args(tiny_model_dir + "/", None)
-    assert args.output_dir == f"{model_name(tiny_model_dir)}-{name.upper()}"
+    assert args.output_dir == f"{model_name(tiny_model_dir)}-{trainer_class.trainer_suffix}"
     assert model_name(tiny_model_dir + "/") == tiny_model_dir.rstrip("/").split("/")[-1] != ""
 
 
 @pytest.mark.parametrize("name", list(TRAINERS))
 def test_training_arguments_are_converted_and_foreign_fields_named(name, tmp_path):
     trainer_class, config_class, *_ = TRAINERS[name]
-    plain = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, report_to="none", use_cpu=True)
+    # KTO's default sampling is sequential (its KL estimate pairs neighbours); TrainingArguments' is random
+    sampling = {"train_sampling_strategy": "sequential"} if name == "kto" else {}
+    plain = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, report_to="none", use_cpu=True, **sampling)
     converted = trainer_class.resolve_args("m", plain)
     assert isinstance(converted, config_class) and converted.learning_rate == 3e-4
-    other = SFTConfig(output_dir=str(tmp_path), bf16=False, max_length=77) if name != "sft" else None
+    other = SFTConfig(output_dir=str(tmp_path), bf16=False, max_length=77, **sampling) if name != "sft" else None
     if other is not None:
         with pytest.warns(UserWarning, match=r"fields \[.*'max_length'.*\] are not"):
             trainer_class.resolve_args("m", other)
@@ -77,12 +116,12 @@ def test_training_arguments_are_converted_and_foreign_fields_named(name, tmp_pat
 
 @pytest.mark.parametrize("name", list(TRAINERS))
 def test_quantization_config_with_a_built_model_is_an_error(name, tmp_path):
-    model, tokenizer = tiny_causal_lm(seed=0)
+    model, tokenizer = _built_model(name)
     with pytest.raises(ValueError, match="quantization_config only applies when model is a hub id or a path"):
         _build(name, model, tmp_path, processing_class=tokenizer, quantization_config=object())
 
 
-@pytest.mark.parametrize("name", list(TRAINERS))
+@pytest.mark.parametrize("name", LM_TRAINERS)
 def test_use_liger_kernel_keeps_the_fused_head(name, tiny_model_dir, tmp_path):
     """With TRL's deprecated use_liger_kernel, Trainer.train() would apply Liger's fused linear cross entropy, which
     replaces the model's forward: every trainer turns that part off (GRPO did not)."""
@@ -105,14 +144,14 @@ def test_grpo_default_tokenizer_pads_and_truncates_on_the_left(tiny_model_dir, t
 
 @pytest.mark.parametrize("name", list(TRAINERS))
 def test_tokenizer_without_pad_or_eos_is_a_clear_error(name, tmp_path):
-    model, tokenizer = tiny_causal_lm(seed=0)
+    model, tokenizer = _built_model(name)
     tokenizer.pad_token = None
     tokenizer.eos_token = None
     with pytest.raises(ValueError, match="neither a pad token nor an eos token: set pad_token"):
         _build(name, model, tmp_path, processing_class=tokenizer)
 
 
-@pytest.mark.parametrize("name", list(TRAINERS))
+@pytest.mark.parametrize("name", LM_TRAINERS)
 def test_a_model_patched_by_another_trainer_is_taken_over(name, tiny_model_dir, tmp_path):
     model, tokenizer = tiny_causal_lm(seed=0)
     first = _build("sft", model, tmp_path / "first", processing_class=tokenizer)
