@@ -1,17 +1,18 @@
-"""The `posttrain` command line: `posttrain sft|dpo|grpo|quickstart|bench`.
+"""The `posttrain` command line: `posttrain sft|dpo|grpo|kto|reward|quickstart|bench`.
 
     posttrain sft --config examples/sft.yaml --learning_rate 1e-5      # the YAML sets fields, flags override them
     accelerate launch -m posttrain.cli grpo --config examples/grpo.yaml  # the same, on every process
     posttrain quickstart                                                # SFT then GRPO on the built-in task
 
-`sft`, `dpo` and `grpo` take every field of their config (SFTConfig, DPOConfig, GRPOConfig: TrainingArguments and
-TRL's options) plus the script fields of `trl sft|dpo|grpo` (model_name_or_path, dataset_name, ...) and its
+Each training command (TRAINER_COMMANDS) takes every field of its config (SFTConfig, DPOConfig, ...: TrainingArguments
+and TRL's options) plus the script fields of the same `trl` command (model_name_or_path, dataset_name, ...) and its
 bitsandbytes flags (--load_in_4bit, ... with --use_peft: QLoRA). A bad invocation (an unknown field, a value of the
 wrong type, a model or dataset that does not exist, a data file that cannot be read) is reported as one line on
 stderr with exit code 2.
 """
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import json
@@ -21,14 +22,14 @@ import sys
 import types
 import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from posttrain import __version__
 from posttrain._compat import end_training
 from posttrain._optional import is_available, require
 
-TRAINERS = ("sft", "dpo", "grpo")
-COMMANDS = (*TRAINERS, "quickstart", "bench")
 EXIT_USAGE = 2
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # TRL's CLI registers this name with fixed options
@@ -41,19 +42,8 @@ _NOT_SUPPORTED = dict.fromkeys(
     "dataset mixtures are not supported by posttrain's CLI: give one dataset with dataset_name",
 )
 _QUANTIZATION_4BIT_FIELDS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
-
-TOP_HELP = f"""usage: posttrain {{{",".join(COMMANDS)}}} [options]
-
-TRL-compatible post-training with fused kernels (posttrain {__version__}).
-
-commands:
-  sft         supervised fine-tuning (SFTConfig's fields, as `trl sft`)
-  dpo         direct preference optimization (DPOConfig's fields, as `trl dpo`)
-  grpo        group relative policy optimization (GRPOConfig's fields, as `trl grpo`)
-  quickstart  SFT then GRPO on a built-in addition task, from scratch, offline; prints and saves the scores
-  bench       the benchmark suite of a posttrain checkout (python -m benchmarks)
-
-`posttrain COMMAND --help` lists a command's options. Multi-GPU: accelerate launch -m posttrain.cli COMMAND ..."""
+# peft task types whose model wrapper expects a generative model (a causal / seq2seq LM), not a classifier
+_GENERATIVE_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 
 
 class CLIError(Exception):
@@ -195,7 +185,9 @@ class LoraArguments:
     lora_modules_to_save: list[str] | None = dataclasses.field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
     )
-    lora_task_type: str = dataclasses.field(default="CAUSAL_LM", metadata={"help": "peft's task type."})
+    lora_task_type: str = dataclasses.field(
+        default="CAUSAL_LM", metadata={"help": "peft's task type (SEQ_CLS for a reward model: its score head trains)."}
+    )
     use_rslora: bool = dataclasses.field(default=False, metadata={"help": "Rank-stabilized LoRA: scale alpha/sqrt(r)."})
     use_dora: bool = dataclasses.field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
 
@@ -225,11 +217,64 @@ def peft_available() -> bool:
     return is_available("peft")
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainerCommand:
+    """A training command: `posttrain <command>` trains posttrain's <name>Trainer with its <name>Config, as
+    `trl <command>` does, on the built-in dataset of posttrain.data.builtin (same key) when no dataset is named."""
+
+    name: str  # the prefix of the classes: SFT -> SFTConfig, SFTTrainer
+    summary: str  # its line in `posttrain --help`
+    builtin_data: str  # what it trains on with no --dataset_name
+    script_class: type = ScriptArguments
+    classifier: bool = False  # the model is a sequence classifier: the built-in model gets a score head
+    # the trainer's arguments beyond the shared ones, from the parsed (script, config)
+    trainer_kwargs: Callable[[Any, Any], dict] = lambda script, config: {}
+
+
+TRAINER_COMMANDS = {
+    "sft": TrainerCommand("SFT", "supervised fine-tuning", "the built-in addition demonstrations"),
+    "dpo": TrainerCommand("DPO", "direct preference optimization", "the built-in addition preference pairs"),
+    "grpo": TrainerCommand(
+        "GRPO", "group relative policy optimization", "the built-in addition prompts, rewarded by accuracy_reward",
+        script_class=GRPOScriptArguments,
+        trainer_kwargs=lambda script, config: {"reward_funcs": _reward_funcs(script, config)},
+    ),
+    "kto": TrainerCommand(
+        "KTO", "Kahneman-Tversky optimization (unpaired preferences)",
+        "the built-in addition preference pairs, each unpaired into a desirable and an undesirable example",
+    ),
+    "reward": TrainerCommand(
+        "Reward", "reward modelling (a one-output sequence classifier)",
+        "the built-in addition preference pairs (a train split only)", classifier=True,
+    ),
+}  # fmt: skip
+TRAINERS = tuple(TRAINER_COMMANDS)
+COMMANDS = (*TRAINERS, "quickstart", "bench")
+
+
+def top_help() -> str:
+    """The text of `posttrain --help`: the commands, one line each."""
+    trainers = "\n".join(
+        f"  {command:<11} {spec.summary} ({spec.name}Config's fields, as `trl {command}`)"
+        for command, spec in TRAINER_COMMANDS.items()
+    )
+    return f"""usage: posttrain {{{",".join(COMMANDS)}}} [options]
+
+TRL-compatible post-training with fused kernels (posttrain {__version__}).
+
+commands:
+{trainers}
+  quickstart  SFT then GRPO on a built-in addition task, from scratch, offline; prints and saves the scores
+  bench       the benchmark suite of a posttrain checkout (python -m benchmarks)
+
+`posttrain COMMAND --help` lists a command's options. Multi-GPU: accelerate launch -m posttrain.cli COMMAND ..."""
+
+
 def _trainer_classes(command: str):
     import posttrain
 
-    prefix = command.upper()
-    return getattr(posttrain, f"{prefix}Config"), getattr(posttrain, f"{prefix}Trainer")
+    name = TRAINER_COMMANDS[command].name
+    return getattr(posttrain, f"{name}Config"), getattr(posttrain, f"{name}Trainer")
 
 
 def _argument_parser_class():
@@ -250,18 +295,19 @@ def build_parser(command: str, with_peft: bool | None = None):
         >>> [t.__name__ for t in dataclass_types]
         ['GRPOScriptArguments', 'GRPOConfig', 'ModelArguments']
     """
+    spec = TRAINER_COMMANDS[command]
     config_class, _ = _trainer_classes(command)
-    script_class = GRPOScriptArguments if command == "grpo" else ScriptArguments
-    dataclass_types = [script_class, config_class, ModelArguments]
+    dataclass_types = [spec.script_class, config_class, ModelArguments]
     if peft_available() if with_peft is None else with_peft:
         dataclass_types.append(LoraArguments)
+    model = "the built-in quickstart model" + (" with a new score head (one output)" if spec.classifier else "")
     parser = _argument_parser_class()(
         dataclass_types,
         prog=f"posttrain {command}",
         usage=f"posttrain {command} [--config FILE.yaml] [--FIELD VALUE ...]",
-        description=f"Train with posttrain's {config_class.__name__.removesuffix('Config')}Trainer. With no "
-        "--model_name_or_path, the built-in quickstart model is trained from scratch; with no --dataset_name, on the "
-        "built-in addition dataset.",
+        description=f"{spec.summary[0].upper()}{spec.summary[1:]}, with posttrain's {spec.name}Trainer (as `trl "
+        f"{command}`). With no --model_name_or_path, {model} is trained from scratch; with no --dataset_name, on "
+        f"{spec.builtin_data}.",
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -438,17 +484,24 @@ def _one_line(err: Exception) -> str:
 
 
 def run_training(command: str, argv: list[str]) -> int:
-    """`posttrain sft|dpo|grpo ...`: parse, load the model and the data, train, save to output_dir."""
+    """`posttrain <training command> ...`: parse, load the model and the data, train, save to output_dir."""
     script, config, model_args, *lora = parse_training_args(command, argv)
+    spec = TRAINER_COMMANDS[command]
     peft_config = lora[0].peft_config() if lora else None
+    if spec.classifier and peft_config is not None and peft_config.task_type in _GENERATIVE_TASK_TYPES:
+        raise CLIError(
+            f"--lora_task_type {peft_config.task_type} cannot adapt the sequence classifier that `posttrain {command}` "
+            "trains (peft's wrapper for it needs generation methods the classifier lacks; `trl` fails there too): "
+            "pass --lora_task_type SEQ_CLS, which also trains the score head"
+        )
     quantization = model_args.quantization_config()
     if quantization is not None and peft_config is None:
         flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
         raise CLIError(f"{flag} needs --use_peft: a quantized model is not trained itself, LoRA adapters on it are")
     dataset = load_training_dataset(command, script)
     train_dataset, eval_dataset = _select_splits(dataset, script, config)
-    model, processing_class = _resolve_model(model_args, config, quantization)
-    extra = {"reward_funcs": _reward_funcs(script, config)} if command == "grpo" else {}
+    model, processing_class = _resolve_model(model_args, config, quantization, classifier=spec.classifier)
+    extra = spec.trainer_kwargs(script, config)
     _, trainer_class = _trainer_classes(command)
     try:
         trainer = trainer_class(
@@ -590,16 +643,16 @@ def _select_splits(dataset, script: ScriptArguments, config):
     return dataset[script.dataset_train_split], dataset[script.dataset_test_split]
 
 
-def _resolve_model(model_args: ModelArguments, config, quantization=None):
+def _resolve_model(model_args: ModelArguments, config, quantization=None, classifier: bool = False):
     """(model, processing_class) for the trainer: a name with the loading options (and `quantization`, a
-    BitsAndBytesConfig) put into config.model_init_kwargs (as `trl` does), or the built-in quickstart model and its
-    tokenizer when no model is named."""
+    BitsAndBytesConfig) put into config.model_init_kwargs (as `trl` does), or the built-in quickstart model (a
+    sequence classifier with `classifier`) and its tokenizer when no model is named."""
     name = model_args.model_name_or_path
     if name is None:
         if quantization is not None:
             raise CLIError("quantization (--load_in_4bit / --load_in_8bit) needs --model_name_or_path: the built-in "
                            "model is built in code, not loaded")  # fmt: skip
-        return _preset_model(model_args, config)
+        return _preset_model(model_args, config, classifier)
     from posttrain.models.loading import looks_like_path
 
     path = Path(name).expanduser()
@@ -624,10 +677,8 @@ def _resolve_model(model_args: ModelArguments, config, quantization=None):
     return str(path) if path.exists() else name, None
 
 
-def _preset_model(model_args: ModelArguments, config):
+def _preset_model(model_args: ModelArguments, config, classifier: bool = False):
     import torch
-
-    from posttrain.models.presets import quickstart_causal_lm
 
     ignored = {
         "model_revision": model_args.model_revision != "main",
@@ -639,9 +690,36 @@ def _preset_model(model_args: ModelArguments, config):
     overrides = (
         {} if model_args.attn_implementation is None else {"attn_implementation": model_args.attn_implementation}
     )
-    model, tokenizer = quickstart_causal_lm(seed=config.seed, **overrides)
+    model, tokenizer = builtin_model(config.seed, classifier, **overrides)
     if model_args.dtype in ("bfloat16", "float16"):
         model = model.to(getattr(torch, model_args.dtype))
+    return model, tokenizer
+
+
+def builtin_model(seed: int, classifier: bool = False, **config_overrides):
+    """The CLI's default model, freshly initialized from `seed` (float32), and its byte-level tokenizer: the
+    quickstart causal LM, or with `classifier` a sequence classifier with one output (the causal LM's body of the same
+    seed and a new score head), what RewardTrainer trains.
+
+    Example:
+        >>> model, tokenizer = builtin_model(seed=0, classifier=True)
+        >>> type(model).__name__, model.config.num_labels
+        ('Qwen2ForSequenceClassification', 1)
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.models.presets import quickstart_causal_lm
+
+    causal_lm, tokenizer = quickstart_causal_lm(seed=seed, **config_overrides)
+    if not classifier:
+        return causal_lm, tokenizer
+    config = copy.deepcopy(causal_lm.config)
+    config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_config(config)
+    model.base_model.load_state_dict(causal_lm.base_model.state_dict())
     return model, tokenizer
 
 
@@ -719,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `posttrain` command; returns the exit code (2 for a bad invocation)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(TOP_HELP)
+        print(top_help())
         return 0
     if argv[0] == "--version":
         print(f"posttrain {__version__}")

@@ -1,4 +1,4 @@
-r"""Built-in datasets: two-digit addition, generated in code (deterministic, offline), for SFT, DPO and GRPO.
+r"""Built-in datasets: two-digit addition, generated in code (deterministic, offline), for every trainer of the CLI.
 
 A problem is "a+b=" with 0 <= a, b <= 99, answered as LaTeX's \boxed{}, which `accuracy_reward` reads:
 "47+38=" -> "\boxed{85}". The 10,000 problems are split once by a fixed permutation: the first `NUM_TEST` are the
@@ -7,7 +7,8 @@ held-out "test" split, the rest "train".
 The SFT demonstrations come from an imperfect demonstrator: on a share `carry_error_rate` of the problems whose units
 digits carry, it forgets the carry ("47+38=" -> "\boxed{75}"). SFT learns to imitate it; GRPO, rewarded by the true
 sum, learns to stop making the mistake. The preference pairs contrast the right sum with that same mistake (or, for a
-problem without a carry, a spurious one). The test splits hold the right answers only.
+problem without a carry, a spurious one). The test splits hold the right answers only. KTO trains on the same pairs
+(its trainer unpairs them into desirable and undesirable examples), and so does the reward model, on "train" only.
 
 Example:
     >>> builtin_dataset("grpo")["test"][0]
@@ -24,7 +25,6 @@ MAX_OPERAND = 99
 NUM_TEST = 500
 CARRY_ERROR_RATE = 0.7
 SPLITS = ("train", "test")
-TRAINERS = ("sft", "dpo", "grpo")
 
 _SPLIT_SEED = 0
 _DEMONSTRATOR_SEED = 1
@@ -90,9 +90,26 @@ def prompt_dataset(split: str = "train") -> Dataset:
     return Dataset.from_list([{"prompt": format_prompt(a, b), "solution": str(a + b)} for a, b in problems(split)])
 
 
+# Each trainer's dataset builder and splits
+BUILTIN_DATASETS = {
+    "sft": (sft_dataset, SPLITS),
+    "dpo": (preference_dataset, SPLITS),
+    "grpo": (prompt_dataset, SPLITS),
+    "kto": (preference_dataset, SPLITS),
+    "reward": (preference_dataset, ("train",)),
+}
+TRAINERS = tuple(BUILTIN_DATASETS)
+
+
 def builtin_dataset(trainer: str) -> DatasetDict:
-    """The built-in dataset for `trainer` ("sft", "dpo" or "grpo"), with its "train" and "test" splits."""
-    builders = {"sft": sft_dataset, "dpo": preference_dataset, "grpo": prompt_dataset}
-    if trainer not in builders:
+    """The built-in dataset for `trainer` (one of TRAINERS), with its splits: "train" and "test" ("train" only for
+    "reward").
+
+    Example:
+        >>> builtin_dataset("kto")["train"].column_names
+        ['prompt', 'chosen', 'rejected']
+    """
+    if trainer not in BUILTIN_DATASETS:
         raise ValueError(f"trainer {trainer!r} is not one of: {', '.join(TRAINERS)}")
-    return DatasetDict({split: builders[trainer](split) for split in SPLITS})
+    builder, splits = BUILTIN_DATASETS[trainer]
+    return DatasetDict({split: builder(split) for split in splits})

@@ -5,7 +5,6 @@ into one batch of 2B sequences, the B chosen ones (prompt + chosen) first, then 
 (`DataCollatorForPreference`, TRL's layout) or packed into a single row (`DataCollatorForPackedPreference`).
 """
 
-import json
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -14,11 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, IterableDataset
-from transformers.utils import logging
 
-from .common import common_prefix_length, conversation_keys, is_conversational, pad
-
-logger = logging.get_logger(__name__)
+from .common import check_formats, drop_fully_truncated, first_row, pad, tokenize_prompt_completions, with_eos
 
 REQUIRED_COLUMNS = ("chosen", "rejected")
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -46,50 +42,15 @@ def extract_prompt(example: dict) -> dict:
     return {"prompt": chosen[:split], "chosen": chosen[split:], "rejected": rejected[split:]}
 
 
-def _tokenize_one(tokenizer, value, template_kwargs: dict | None, add_generation_prompt: bool = False) -> list[int]:
-    if template_kwargs is None:
-        return list(tokenizer(text=value)["input_ids"])
-    encoded = tokenizer.apply_chat_template(
-        value, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt, **template_kwargs
-    )
-    return list(encoded["input_ids"])
-
-
 def tokenize_preference(example: dict, tokenizer) -> dict[str, list[int]]:
-    """Token ids of one example with an explicit prompt: `prompt_ids`, `chosen_ids`, `rejected_ids`.
-
-    Conversations go through the chat template (the prompt with the generation prompt; `tools` and
-    `chat_template_kwargs` columns are honoured), text through the tokenizer. The completion starts where the
-    tokenized prompt and the tokenized prompt + completion first differ, which is after the prompt unless the template
-    renders the prompt alone differently or tokens merge across the boundary (a warning then shows the prompt tokens
-    left out).
+    """Token ids of one example with an explicit prompt: `prompt_ids`, `chosen_ids`, `rejected_ids`; the prompt is
+    split off both completions where its tokens and theirs first differ (see `common.tokenize_prompt_completions`).
 
     Example:
         >>> tokenize_preference({"prompt": "2+2=", "chosen": "4<|im_end|>", "rejected": "5<|im_end|>"}, tokenizer)
         {'prompt_ids': [17, 10, 17, 28], 'chosen_ids': [19, 258], 'rejected_ids': [20, 258]}
     """
-    template_kwargs = None
-    if is_conversational(example):
-        tools = example.get("tools")
-        template_kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools}
-        template_kwargs.update(example.get("chat_template_kwargs") or {})
-    prompt = example["prompt"]
-    prompt_ids = _tokenize_one(tokenizer, prompt, template_kwargs, add_generation_prompt=True)
-    chosen_full = _tokenize_one(tokenizer, prompt + example["chosen"], template_kwargs)
-    rejected_full = _tokenize_one(tokenizer, prompt + example["rejected"], template_kwargs)
-    prompt_len = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
-    if prompt_len < len(prompt_ids):
-        logger.warning_once(
-            "The tokenized prompt is not a prefix of the tokenized prompt + completion (the chat template renders the "
-            "prompt alone differently, or tokens merge across the boundary). The completion starts where they differ "
-            f"and these prompt tokens are left out of the training sequence: {tokenizer.decode(prompt_ids[prompt_len:])!r}"
-            ". Shown once; it likely applies to every example."
-        )
-    return {
-        "prompt_ids": prompt_ids[:prompt_len],
-        "chosen_ids": chosen_full[prompt_len:],
-        "rejected_ids": rejected_full[prompt_len:],
-    }
+    return tokenize_prompt_completions(example, tokenizer, REQUIRED_COLUMNS)
 
 
 def _check_columns(example: dict, dataset_name: str) -> None:
@@ -104,38 +65,15 @@ def _check_columns(example: dict, dataset_name: str) -> None:
         )
 
 
-def _is_chat_row(example: dict, index: int, dataset_name: str) -> bool:
-    """Whether the row's prompt / chosen / rejected are chat messages; a ValueError when some are and others are
-    text (a plain prompt cannot be followed by chat-message completions, nor the other way round)."""
-    if "prompt" in example and example["prompt"] is None:
-        raise ValueError(f"{dataset_name} dataset row {index}: the 'prompt' is None")
-    present = [key for key in ("prompt", *REQUIRED_COLUMNS) if key in example]
-    chat = conversation_keys(example, present)
-    if chat and len(chat) < len(present):
-        text = [key for key in present if key not in chat]
-        raise ValueError(
-            f"{dataset_name} dataset row {index}: {', '.join(map(repr, chat))} "
-            f"{'is a list' if len(chat) == 1 else 'are lists'} of chat messages but {', '.join(map(repr, text))} "
-            f"{'is' if len(text) == 1 else 'are'} {type(example[text[0]]).__name__}: the formats must match (all text, "
-            "or all chat messages)"
-        )
-    return bool(chat)
-
-
 def _prepare_row(example: dict, index: int, tokenizer, extract: bool, dataset_name: str):
     for key in REQUIRED_COLUMNS:
         if not example[key]:
             raise ValueError(f"{dataset_name} dataset row {index}: the {key!r} completion is empty ({example[key]!r})")
-    chat = _is_chat_row(example, index, dataset_name)
+    chat = check_formats(example, ("prompt", *REQUIRED_COLUMNS), index, dataset_name)
     if extract:
         example = {**example, **extract_prompt(example)}
-    eos_token = tokenizer.eos_token
-    if not chat and eos_token is not None:
-        example = {
-            **example,
-            **{key: example[key] if example[key].endswith(eos_token) else example[key] + eos_token
-               for key in REQUIRED_COLUMNS},
-        }  # fmt: skip
+    if not chat:
+        example = {**example, **{key: with_eos(example[key], tokenizer.eos_token) for key in REQUIRED_COLUMNS}}
     ids = tokenize_preference(example, tokenizer)
     for key in ("chosen_ids", "rejected_ids"):
         if not ids[key]:
@@ -175,9 +113,7 @@ def prepare_preference_dataset(
     """
     is_map_style = isinstance(dataset, Dataset)
     map_kwargs = {"num_proc": num_proc} if is_map_style else {}
-    first = next(iter(dataset), None)
-    if first is None:
-        raise ValueError(f"the {dataset_name} dataset is empty")
+    first = first_row(dataset, dataset_name)
     _check_columns(first, dataset_name)
     if not all(key in first for key in TOKENIZED_COLUMNS):
         fn_kwargs = {"tokenizer": tokenizer, "extract": "prompt" not in first, "dataset_name": dataset_name}
@@ -185,7 +121,7 @@ def prepare_preference_dataset(
             map_kwargs["desc"] = f"Tokenizing the {dataset_name} dataset"
         dataset = dataset.map(_prepare_row, with_indices=True, fn_kwargs=fn_kwargs, **map_kwargs)
     if max_length is not None and truncation_mode == "keep_start":
-        dataset = _drop_fully_truncated(dataset, max_length, dataset_name, map_kwargs)
+        dataset = drop_fully_truncated(dataset, max_length, dataset_name, num_proc if is_map_style else None)
     return _warn_identical_pairs(dataset, dataset_name)
 
 
@@ -231,43 +167,6 @@ def count_identical_lists(a: pa.ChunkedArray | pa.Array, b: pa.ChunkedArray | pa
     differs = pc.invert(pc.equal(pc.list_flatten(a), pc.list_flatten(b)))
     differing_rows = pc.count_distinct(pc.filter(pc.list_parent_indices(a), differs)).as_py()
     return len(a) - differing_rows
-
-
-def _drop_fully_truncated(dataset, max_length: int, dataset_name: str, map_kwargs: dict):
-    if not isinstance(dataset, Dataset):
-        return dataset.filter(_keeps_completion_or_warn, fn_kwargs={"max_length": max_length, "name": dataset_name})
-    map_kwargs = {**map_kwargs, "desc": f"Dropping fully truncated rows of the {dataset_name} dataset"}
-    before = len(dataset)
-    dataset = dataset.filter(_keeps_completion, fn_kwargs={"max_length": max_length}, **map_kwargs)
-    dropped = before - len(dataset)
-    if dropped == before:
-        raise ValueError(
-            f"every row of the {dataset_name} dataset ({before}) has a prompt of at least max_length={max_length} "
-            "tokens, so truncation would leave no completion token: raise max_length or shorten the prompts"
-        )
-    if dropped:
-        warnings.warn(
-            f"dropped {dropped} of {before} rows of the {dataset_name} dataset whose prompt has at least "
-            f"max_length={max_length} tokens: truncation (keep_start) would leave them no completion token",
-            stacklevel=3,
-        )
-    return dataset
-
-
-def _keeps_completion(example: dict, max_length: int) -> bool:
-    return len(example["prompt_ids"]) < max_length
-
-
-def _keeps_completion_or_warn(example: dict, max_length: int, name: str) -> bool:
-    # A streamed dataset cannot be counted up front: each dropped row warns as it streams by
-    keep = _keeps_completion(example, max_length)
-    if not keep:
-        warnings.warn(
-            f"dropped a row of the {name} dataset whose prompt has {len(example['prompt_ids'])} >= "
-            f"max_length={max_length} tokens (truncation would leave it no completion token)",
-            stacklevel=2,
-        )
-    return keep
 
 
 def _truncate(sequences: list[list[int]], max_length: int | None, truncation_mode: str) -> list[list[int]]:

@@ -6,7 +6,6 @@ that estimate the KL term, `KL_completion_ids`: the completion of the previous r
 the last one's), so that prompt + KL completion is a mismatched pair whose log-probs estimate KL(pi || pi_ref).
 """
 
-import json
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset, IterableDataset, Value
-from transformers.utils import logging
 
-from .common import common_prefix_length, conversation_keys, is_conversational, pad
-from .dpo import _drop_fully_truncated, _tokenize_one, extract_prompt
-
-logger = logging.get_logger(__name__)
+from .common import check_formats, drop_fully_truncated, first_row, pad, tokenize_prompt_completions, with_eos
+from .dpo import extract_prompt
 
 REQUIRED_COLUMNS = ("prompt", "completion", "label")
 PAIRED_COLUMNS = ("chosen", "rejected")
@@ -53,33 +49,14 @@ def _unpair_rows(batch: dict[str, list]) -> dict[str, list]:
 
 
 def tokenize_unpaired(example: dict, tokenizer) -> dict[str, list[int]]:
-    """Token ids of one unpaired example: `prompt_ids` and `completion_ids`.
-
-    Conversations go through the chat template (the prompt with the generation prompt; `tools` and
-    `chat_template_kwargs` columns are honoured), text through the tokenizer. The completion starts where the tokenized
-    prompt and the tokenized prompt + completion first differ (after the prompt, unless the template renders the prompt
-    alone differently or tokens merge across the boundary: a warning then shows the prompt tokens left out).
+    """Token ids of one unpaired example: `prompt_ids` and `completion_ids`; the prompt is split off where its tokens
+    and those of prompt + completion first differ (see `common.tokenize_prompt_completions`).
 
     Example:
         >>> tokenize_unpaired({"prompt": "2+2=", "completion": "4<|im_end|>"}, tokenizer)
         {'prompt_ids': [17, 10, 17, 28], 'completion_ids': [19, 258]}
     """
-    template_kwargs = None
-    if is_conversational(example):
-        tools = example.get("tools")
-        template_kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools}
-        template_kwargs.update(example.get("chat_template_kwargs") or {})
-    prompt_ids = _tokenize_one(tokenizer, example["prompt"], template_kwargs, add_generation_prompt=True)
-    full_ids = _tokenize_one(tokenizer, example["prompt"] + example["completion"], template_kwargs)
-    prompt_len = common_prefix_length(prompt_ids, full_ids)
-    if prompt_len < len(prompt_ids):
-        logger.warning_once(
-            "The tokenized prompt is not a prefix of the tokenized prompt + completion (the chat template renders the "
-            "prompt alone differently, or tokens merge across the boundary). The completion starts where they differ "
-            f"and these prompt tokens are left out of the training sequence: {tokenizer.decode(prompt_ids[prompt_len:])!r}"
-            ". Shown once; it likely applies to every example."
-        )
-    return {"prompt_ids": prompt_ids[:prompt_len], "completion_ids": full_ids[prompt_len:]}
+    return tokenize_prompt_completions(example, tokenizer, ("completion",))
 
 
 def as_label(value, index: int, dataset_name: str) -> bool:
@@ -124,28 +101,13 @@ def _check_columns(example: dict, dataset_name: str) -> None:
         )
 
 
-def _check_formats(example: dict, index: int, dataset_name: str) -> bool:
-    """Whether the row is conversational; a ValueError when its prompt and completion mix text and chat messages."""
-    if example["prompt"] is None:
-        raise ValueError(f"{dataset_name} dataset row {index}: the 'prompt' is None")
-    if not example["completion"]:
-        raise ValueError(f"{dataset_name} dataset row {index}: the 'completion' is empty ({example['completion']!r})")
-    chat = conversation_keys(example, ("prompt", "completion"))
-    if len(chat) == 1:
-        text = "completion" if chat == ["prompt"] else "prompt"
-        raise ValueError(
-            f"{dataset_name} dataset row {index}: {chat[0]!r} is a list of chat messages but {text!r} is "
-            f"{type(example[text]).__name__}: the formats must match (both text, or both chat messages)"
-        )
-    return bool(chat)
-
-
 def _prepare_row(example: dict, index: int, tokenizer, dataset_name: str) -> dict:
     label = as_label(example["label"], index, dataset_name)
-    chat = _check_formats(example, index, dataset_name)
-    eos_token = tokenizer.eos_token
-    if not chat and eos_token is not None and not example["completion"].endswith(eos_token):
-        example = {**example, "completion": example["completion"] + eos_token}
+    if not example["completion"]:
+        raise ValueError(f"{dataset_name} dataset row {index}: the 'completion' is empty ({example['completion']!r})")
+    chat = check_formats(example, ("prompt", "completion"), index, dataset_name)
+    if not chat:
+        example = {**example, "completion": with_eos(example["completion"], tokenizer.eos_token)}
     return {**tokenize_unpaired(example, tokenizer), "label": label}
 
 
@@ -185,9 +147,7 @@ def prepare_unpaired_dataset(
     """
     is_map_style = isinstance(dataset, Dataset)
     map_kwargs = {"num_proc": num_proc} if is_map_style else {}
-    first = next(iter(dataset), None)
-    if first is None:
-        raise ValueError(f"the {dataset_name} dataset is empty")
+    first = first_row(dataset, dataset_name)
     _check_columns(first, dataset_name)
     if all(key in first for key in PAIRED_COLUMNS):
         if "prompt" not in first:
@@ -201,7 +161,7 @@ def prepare_unpaired_dataset(
     if is_map_style and dataset.features["label"] != Value("bool"):
         dataset = dataset.cast_column("label", Value("bool"))  # 0 / 1 integers, checked row by row above
     if max_length is not None:
-        dataset = _drop_fully_truncated(dataset, max_length, dataset_name, map_kwargs)
+        dataset = drop_fully_truncated(dataset, max_length, dataset_name, num_proc if is_map_style else None)
     if kl_batch_size is not None:
         dataset = dataset.map(_add_kl_completions, batched=True, batch_size=kl_batch_size, **map_kwargs)
     return dataset

@@ -6,7 +6,7 @@ chosen ones first, then the B rejected ones: padded on the right (`DataCollatorF
 packed into one row (`DataCollatorForPackedPreference`).
 """
 
-import json
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 
-from .common import is_conversational, pad
-from .dpo import _is_chat_row, _tokenize_one
+from .common import check_formats, drop_rows, first_row, pad, template_kwargs, tokenize_one, with_eos
 
 REQUIRED_COLUMNS = ("chosen", "rejected")
 TOKENIZED_COLUMNS = ("chosen_ids", "rejected_ids")
@@ -34,16 +33,10 @@ def tokenize_pair(example: dict, tokenizer) -> dict[str, list[int]]:
         >>> tokenize_pair({"prompt": "2+2=", "chosen": "4<|im_end|>", "rejected": "5<|im_end|>"}, tokenizer)
         {'chosen_ids': [17, 10, 17, 28, 19, 258], 'rejected_ids': [17, 10, 17, 28, 20, 258]}
     """
-    template_kwargs = None
-    if is_conversational(example):
-        tools = example.get("tools")
-        template_kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools}
-        template_kwargs.update(example.get("chat_template_kwargs") or {})
+    kwargs = template_kwargs(example)
     prompt = example.get("prompt")
     return {
-        f"{key}_ids": _tokenize_one(
-            tokenizer, example[key] if prompt is None else prompt + example[key], template_kwargs
-        )
+        f"{key}_ids": tokenize_one(tokenizer, example[key] if prompt is None else prompt + example[key], kwargs)
         for key in REQUIRED_COLUMNS
     }
 
@@ -52,16 +45,11 @@ def _prepare_row(example: dict, index: int, tokenizer, dataset_name: str) -> dic
     for key in REQUIRED_COLUMNS:
         if not example[key]:
             raise ValueError(f"{dataset_name} dataset row {index}: the {key!r} sequence is empty ({example[key]!r})")
-    chat = _is_chat_row(example, index, dataset_name)
-    eos_token = tokenizer.eos_token
-    if not chat and eos_token is not None:
+    chat = check_formats(example, ("prompt", *REQUIRED_COLUMNS), index, dataset_name)
+    if not chat:
         # the reward is read at the last token: every text sequence ends with the same one, as TRL appends it
-        example = {**example, **{key: _with_eos(example[key], eos_token) for key in REQUIRED_COLUMNS}}
+        example = {**example, **{key: with_eos(example[key], tokenizer.eos_token) for key in REQUIRED_COLUMNS}}
     return tokenize_pair(example, tokenizer)
-
-
-def _with_eos(text: str, eos_token: str) -> str:
-    return text if text.endswith(eos_token) else text + eos_token
 
 
 def prepare_reward_dataset(
@@ -90,9 +78,7 @@ def prepare_reward_dataset(
         >>> prepare_reward_dataset(ds, tokenizer, max_length=64)[0]["chosen_ids"]   # "2+2=4" + EOS
         [17, 10, 17, 28, 19, 258]
     """
-    first = next(iter(dataset), None)
-    if first is None:
-        raise ValueError(f"the {dataset_name} dataset is empty")
+    first = first_row(dataset, dataset_name)
     dataset, first = _rename_legacy_columns(dataset, first)
     is_map_style = isinstance(dataset, Dataset)
     map_kwargs = {"num_proc": num_proc} if is_map_style else {}
@@ -104,7 +90,7 @@ def prepare_reward_dataset(
         dataset = dataset.map(_prepare_row, with_indices=True, fn_kwargs=fn_kwargs, **map_kwargs)
     if max_length is None:
         return dataset
-    return _drop_long_pairs(dataset, max_length, dataset_name, map_kwargs)
+    return _drop_long_pairs(dataset, max_length, dataset_name, num_proc if is_map_style else None)
 
 
 def _rename_legacy_columns(dataset, first: dict):
@@ -131,41 +117,27 @@ def _check_columns(example: dict, dataset_name: str) -> None:
         )
 
 
-def _drop_long_pairs(dataset, max_length: int, dataset_name: str, map_kwargs: dict):
-    if not isinstance(dataset, Dataset):
-        return dataset.filter(_fits_or_warn, fn_kwargs={"max_length": max_length, "name": dataset_name})
-    map_kwargs = {**map_kwargs, "desc": f"Dropping pairs of the {dataset_name} dataset over {max_length} tokens"}
-    before = len(dataset)
-    dataset = dataset.filter(_fits, fn_kwargs={"max_length": max_length}, **map_kwargs)
-    dropped = before - len(dataset)
-    if dropped == before:
-        raise ValueError(
-            f"every pair of the {dataset_name} dataset ({before}) has a chosen or rejected sequence of more than "
+def _drop_long_pairs(dataset, max_length: int, dataset_name: str, num_proc: int | None):
+    return drop_rows(
+        dataset, functools.partial(_fits, max_length=max_length), num_proc=num_proc,
+        desc=f"Dropping pairs of the {dataset_name} dataset over {max_length} tokens",
+        dropped=lambda count, total: (
+            f"dropped {count} of {total} pairs of the {dataset_name} dataset whose chosen or rejected sequence has "
+            f"more than max_length={max_length} tokens"
+        ),
+        dropped_row=lambda row: (
+            f"dropped a pair of the {dataset_name} dataset with more than max_length={max_length} tokens in its chosen "
+            "or rejected sequence"
+        ),
+        none_left=lambda total: (
+            f"every pair of the {dataset_name} dataset ({total}) has a chosen or rejected sequence of more than "
             f"max_length={max_length} tokens, and such pairs are dropped: raise max_length or set it to None"
-        )
-    if dropped:
-        warnings.warn(
-            f"dropped {dropped} of {before} pairs of the {dataset_name} dataset whose chosen or rejected sequence "
-            f"has more than max_length={max_length} tokens",
-            stacklevel=3,
-        )
-    return dataset
+        ),
+    )  # fmt: skip
 
 
 def _fits(example: dict, max_length: int) -> bool:
     return len(example["chosen_ids"]) <= max_length and len(example["rejected_ids"]) <= max_length
-
-
-def _fits_or_warn(example: dict, max_length: int, name: str) -> bool:
-    # A streamed dataset cannot be counted up front: each dropped pair warns as it streams by
-    keep = _fits(example, max_length)
-    if not keep:
-        warnings.warn(
-            f"dropped a pair of the {name} dataset with more than max_length={max_length} tokens in its chosen or "
-            "rejected sequence",
-            stacklevel=2,
-        )
-    return keep
 
 
 def _sequences(examples: list[dict]) -> list[torch.Tensor]:

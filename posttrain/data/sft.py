@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers import AddedToken, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .chat_templates import training_chat_template
-from .common import common_prefix_length, conversation_keys, is_conversational
+from .common import common_prefix_length, conversation_keys, drop_rows, is_conversational, with_eos
 from .packing import pack_dataset
 
 _MASK_COLUMNS = ("completion_mask", "assistant_masks")
@@ -208,10 +208,6 @@ def _template_kwargs(example: dict, chat_template: str | None) -> dict:
     return {"tools": tools or None, "chat_template": chat_template, **(example.get("chat_template_kwargs") or {})}
 
 
-def _with_eos(text: str, eos_token: str | None) -> str:
-    return text if eos_token is None or text.endswith(eos_token) else text + eos_token
-
-
 def _prompt_completion_ids(example, tokenizer, chat: bool, chat_template, assistant_only_loss) -> dict:
     """input_ids of prompt + completion, completion_mask, and assistant_masks (conversational, assistant_only_loss)."""
     out = {}
@@ -232,7 +228,7 @@ def _prompt_completion_ids(example, tokenizer, chat: bool, chat_template, assist
             out["assistant_masks"] = full["assistant_masks"]
     else:
         prompt_ids = tokenizer(text=example["prompt"])["input_ids"]
-        ids = tokenizer(text=example["prompt"] + _with_eos(example["completion"], tokenizer.eos_token))["input_ids"]
+        ids = tokenizer(text=example["prompt"] + with_eos(example["completion"], tokenizer.eos_token))["input_ids"]
     # Where the prompt alone tokenizes differently (a template quirk, a token merging across the boundary), the
     # completion starts where the two diverge
     prompt_len = common_prefix_length(prompt_ids, ids)
@@ -261,7 +257,7 @@ def _example_ids(example, index, kind, tokenizer, options) -> dict:
     text_field, formatting_func, chat_template, assistant_only_loss, name = options
     if kind == "formatted":
         text = _formatted_text(example, index, formatting_func, name)
-        return {"input_ids": tokenizer(text=_with_eos(text, tokenizer.eos_token))["input_ids"]}
+        return {"input_ids": tokenizer(text=with_eos(text, tokenizer.eos_token))["input_ids"]}
     chat = kind == "messages" or (kind == "prompt_completion" and _is_chat_prompt_completion(example, index, name))
     if assistant_only_loss and not chat:
         raise ValueError(
@@ -279,7 +275,7 @@ def _example_ids(example, index, kind, tokenizer, options) -> dict:
             **_template_kwargs(example, chat_template),
         )
         return {key: out[key] for key in ("input_ids", "assistant_masks") if key in out}
-    return {"input_ids": tokenizer(text=_with_eos(example[text_field], tokenizer.eos_token))["input_ids"]}
+    return {"input_ids": tokenizer(text=with_eos(example[text_field], tokenizer.eos_token))["input_ids"]}
 
 
 def _labels(example: dict, mask_columns: list[str]) -> list[int]:
@@ -438,14 +434,6 @@ def _has_label(example: dict) -> bool:
     return any(label != -100 for label in example["labels"])
 
 
-def _has_label_or_warn(example: dict, name: str, max_length: int) -> bool:
-    # A streamed dataset cannot be counted up front: each dropped row warns as it streams by (shown once)
-    keep = _has_label(example)
-    if not keep:
-        warnings.warn(_dropped_message("rows", name, max_length), stacklevel=2)
-    return keep
-
-
 def _dropped_message(count: str, name: str, max_length: int) -> str:
     return (
         f"dropped {count} of the {name} dataset that have no token left in the loss after truncation to max_length="
@@ -456,19 +444,16 @@ def _dropped_message(count: str, name: str, max_length: int) -> str:
 
 def _drop_unlabeled(dataset, name: str, max_length: int, map_kwargs: dict):
     """`dataset` without the rows truncation left with no label: counted in a warning, an error if none is left."""
-    if not isinstance(dataset, Dataset):
-        return dataset.filter(_has_label_or_warn, fn_kwargs={"name": name, "max_length": max_length})
-    before = len(dataset)
-    desc = f"Dropping examples with no label left in the {name} dataset"
-    dataset = dataset.filter(_has_label, **_describe(dataset, desc, map_kwargs))
-    if len(dataset) == 0:
-        raise ValueError(
+    return drop_rows(
+        dataset, _has_label, num_proc=map_kwargs.get("num_proc"),
+        desc=f"Dropping examples with no label left in the {name} dataset",
+        dropped=lambda count, total: _dropped_message(f"{count} of {total} rows", name, max_length),
+        dropped_row=lambda row: _dropped_message("rows", name, max_length),
+        none_left=lambda total: (
             f"No example of the {name} dataset has a token left in the loss after truncation to max_length="
             f"{max_length} (the prompts fill it?): raise max_length or shorten the prompts"
-        )
-    if len(dataset) < before:
-        warnings.warn(_dropped_message(f"{before - len(dataset)} of {before} rows", name, max_length), stacklevel=3)
-    return dataset
+        ),
+    )  # fmt: skip
 
 
 def _describe(dataset, desc: str, map_kwargs: dict) -> dict:

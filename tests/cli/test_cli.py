@@ -66,7 +66,7 @@ def test_yaml_sets_values_and_flags_override_them(tmp_path, monkeypatch):
     assert os.environ["POSTTRAIN_CLI_TEST"] == "7"
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("command", cli.TRAINERS)
 def test_flags_parse_as_trl_parses_them(command):
     import trl
     from trl import ModelConfig, ScriptArguments, TrlParser
@@ -77,8 +77,12 @@ def test_flags_parse_as_trl_parses_them(command):
             "--dataset_train_split", "tr", "--dataset_test_split", "te", "--report_to", "none"]  # fmt: skip
     argv += {"sft": ["--max_length", "64", "--packing", "--load_in_4bit", "--bnb_4bit_quant_type", "fp4",
                      "--use_bnb_nested_quant", "--bnb_4bit_quant_storage", "bfloat16"], "dpo": ["--beta", "0.3", "--loss_type", "hinge"],
-             "grpo": ["--beta", "0.04", "--num_generations", "4", "--loss_type", "grpo"]}[command]  # fmt: skip
-    trl_config = getattr(trl, f"{command.upper()}Config")
+             "grpo": ["--beta", "0.04", "--num_generations", "4", "--loss_type", "grpo"],
+             "kto": ["--beta", "0.2", "--desirable_weight", "1.5", "--loss_type", "apo_zero_unpaired",
+                     "--max_length", "256", "--load_in_8bit"],
+             "reward": ["--center_rewards_coefficient", "0.01", "--max_length", "256", "--disable_dropout", "false",
+                        "--load_in_4bit", "--use_bnb_nested_quant"]}[command]  # fmt: skip
+    trl_config = getattr(trl, f"{cli.TRAINER_COMMANDS[command].name}Config")
     theirs = TrlParser((ScriptArguments, trl_config, ModelConfig)).parse_args_and_config(argv)
     ours = cli.parse_training_args(command, argv, with_peft=False)
     for mine, trl_object in zip(ours, theirs):
@@ -89,7 +93,7 @@ def test_flags_parse_as_trl_parses_them(command):
             assert getattr(mine, name) == getattr(trl_object, name), name
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("command", cli.TRAINERS)
 def test_help_lists_every_field_with_its_default_and_help(capsys, command):
     code, out, _ = _run(capsys, command, "--help")
     assert code == 0
@@ -102,6 +106,8 @@ def test_help_lists_every_field_with_its_default_and_help(capsys, command):
     assert "--config FILE.yaml" in words
     assert "False uses the plain PyTorch path through the full logits" in words  # use_fused_kernels' help
     assert re.search(r"--learning_rate LEARNING_RATE.*?initial.*?\(default: [0-9.e-]+\)", words, re.IGNORECASE)
+    spec = cli.TRAINER_COMMANDS[command]
+    assert f"posttrain's {spec.name}Trainer (as `trl {command}`)" in words and spec.builtin_data in words
 
 
 def test_lora_flags_are_offered_with_peft():
@@ -116,7 +122,7 @@ def test_lora_flags_are_offered_with_peft():
 
 
 @pytest.mark.skipif(not (ROOT / "examples").is_dir(), reason="needs a posttrain checkout")
-@pytest.mark.parametrize("command", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("command", cli.TRAINERS)
 def test_examples_are_valid_configs(command):
     # bf16 (TRL's default, meant for the GPU) is refused by transformers on a CPU-only machine
     script, args, model, *_ = cli.parse_training_args(command, ["--config", str(ROOT / "examples" / f"{command}.yaml"),
@@ -127,7 +133,8 @@ def test_examples_are_valid_configs(command):
 
 def test_top_level_help_and_version(capsys):
     code, out, _ = _run(capsys)
-    assert code == 0 and all(command in out for command in cli.COMMANDS)
+    assert code == 0 and all(re.search(rf"^  {command} ", out, re.MULTILINE) for command in cli.COMMANDS)
+    assert "(RewardConfig's fields, as `trl reward`)" in out and "(KTOConfig's fields, as `trl kto`)" in out
     code, out, _ = _run(capsys, "--version")
     assert code == 0 and out.startswith("posttrain ")
 
@@ -154,6 +161,10 @@ BAD_INVOCATIONS = {
     "quant type": (["sft", "--load_in_4bit", "--bnb_4bit_quant_type", "int4"], "invalid choice: 'int4'"),
     "missing config": (["sft", "--config", "/nonexistent/posttrain.yaml"], "No such file or directory"),
     "quickstart flag": (["quickstart", "--steps", "3"], "unrecognized arguments: --steps"),
+    "kto choice": (["kto", "--loss_type", "sigmod", "--bf16", "false"], "invalid choice: 'sigmod'"),
+    "kto weight": (["kto", "--bf16", "false", "--desirable_weight", "-1"], "desirable_weight must be a finite number"),
+    "reward float": (["reward", "--center_rewards_coefficient", "high"], "--center_rewards_coefficient"),
+    "reward unknown": (["reward", "--beta", "0.1"], "unknown field --beta"),
 }
 
 
@@ -207,6 +218,17 @@ def test_missing_split_and_reward(capsys, tmp_path):
     code, _, err = _run(capsys, "grpo", *QUICK, *QUICK_GRPO, "--output_dir", str(tmp_path), "--dataset_name",
                         str(prompts))  # fmt: skip
     _assert_one_line_error(code, err, "grpo needs a reward: --reward_funcs")
+    code, _, err = _run(capsys, "reward", *QUICK, "--output_dir", str(tmp_path), "--eval_strategy", "steps")
+    _assert_one_line_error(code, err, "dataset_test_split 'test' is not a split of the built-in dataset (its splits: "
+                           "train)")  # fmt: skip
+
+
+def test_wrong_dataset_for_the_trainer_is_one_line(capsys, tmp_path):
+    data = str(_save("jsonl", tmp_path))  # prompt-completion rows: no label, no pairs
+    code, _, err = _run(capsys, "kto", *QUICK, "--output_dir", str(tmp_path), "--dataset_name", data)
+    _assert_one_line_error(code, err, "the train dataset has no 'label' column")
+    code, _, err = _run(capsys, "reward", *QUICK, "--output_dir", str(tmp_path), "--dataset_name", data)
+    _assert_one_line_error(code, err, "the train dataset has no 'chosen' or 'rejected' column")
 
 
 @pytest.mark.skipif(cli.peft_available(), reason="peft is installed: the LoRA flags exist")
@@ -366,18 +388,32 @@ def test_options_without_effect_warn(tmp_path):
 
 
 def test_builtin_dataset_is_the_default():
-    for command, columns in {"sft": {"prompt", "completion"}, "dpo": {"prompt", "chosen", "rejected"},
-                             "grpo": {"prompt", "solution"}}.items():  # fmt: skip
+    pairs = {"prompt", "chosen", "rejected"}
+    for command, columns in {"sft": {"prompt", "completion"}, "dpo": pairs, "grpo": {"prompt", "solution"},
+                             "kto": pairs, "reward": pairs}.items():  # fmt: skip
         dataset = cli.load_training_dataset(command, cli.ScriptArguments())
-        assert set(dataset) == {"train", "test"}
+        assert set(dataset) == ({"train"} if command == "reward" else {"train", "test"})
         assert set(dataset["train"].column_names) == columns
+
+
+def test_builtin_reward_model_is_the_quickstart_body_with_a_score_head():
+    classifier, tokenizer = cli.builtin_model(seed=3, classifier=True)
+    causal_lm, _ = quickstart_causal_lm(seed=3)
+    assert type(classifier).__name__ == "Qwen2ForSequenceClassification" and classifier.config.num_labels == 1
+    assert classifier.config.pad_token_id == tokenizer.pad_token_id
+    body, trained_body = causal_lm.model.state_dict(), classifier.model.state_dict()
+    assert body.keys() == trained_body.keys() and all(torch.equal(body[k], trained_body[k]) for k in body)
+    again, _ = cli.builtin_model(seed=3, classifier=True)
+    other, _ = cli.builtin_model(seed=4, classifier=True)
+    assert torch.equal(again.score.weight, classifier.score.weight)
+    assert not torch.equal(other.score.weight, classifier.score.weight)
 
 
 # ---- training runs on the embedded default ----
 
 
-def _weights_changed(output_dir: Path, seed: int = 42) -> bool:
-    initial, _ = quickstart_causal_lm(seed=seed)  # the CLI builds the default model with the config's seed
+def _weights_changed(output_dir: Path, seed: int = 42, classifier: bool = False) -> bool:
+    initial, _ = cli.builtin_model(seed, classifier)  # the CLI builds the default model with the config's seed
     trained = load_file(output_dir / "model.safetensors")
     return any(not torch.equal(trained[name], param) for name, param in initial.state_dict().items() if name in trained)
 
@@ -387,7 +423,7 @@ def _weights_changed(output_dir: Path, seed: int = 42) -> bool:
 VARYING_REWARD = "def byte_sum(completions, **kwargs):\n    return [float(sum(map(ord, c)) % 5) for c in completions]\n"
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("command", cli.TRAINERS)
 def test_every_trainer_runs_on_the_embedded_default(capsys, tmp_path, monkeypatch, command):
     extra = []
     if command == "grpo":
@@ -399,17 +435,20 @@ def test_every_trainer_runs_on_the_embedded_default(capsys, tmp_path, monkeypatc
     assert code == 0, err[-3000:]
     assert f"model saved to {tmp_path}" in out
     assert (tmp_path / "config.json").is_file() and (tmp_path / "tokenizer.json").is_file()
-    assert _weights_changed(tmp_path)
+    assert _weights_changed(tmp_path, classifier=cli.TRAINER_COMMANDS[command].classifier)
+    assert "'loss'" in out  # logged at every step
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("command", cli.TRAINERS)
 def test_a_model_directory_is_loaded_and_trained(capsys, tmp_path, tiny_model_dir, command):
     extra = [*QUICK_GRPO, "--reward_funcs", "accuracy_reward"] if command == "grpo" else []
     code, _, err = _run(capsys, command, *QUICK, *extra, "--max_steps", "1", "--model_name_or_path", tiny_model_dir,
                           "--output_dir", str(tmp_path))  # fmt: skip
     assert code == 0, err[-3000:]
     trained, initial = load_file(tmp_path / "model.safetensors"), load_file(Path(tiny_model_dir) / "model.safetensors")
-    assert trained.keys() == initial.keys()
+    # the reward model is the causal LM's body with a new score head
+    assert trained.keys() - initial.keys() == ({"score.weight"} if command == "reward" else set())
+    assert initial.keys() - trained.keys() == set()
     if command != "grpo":  # the untrained model never answers right: GRPO's advantages, and its update, are 0
         assert any(not torch.equal(trained[name], initial[name]) for name in initial)
 
@@ -430,10 +469,25 @@ def test_yaml_and_local_file_and_eval_split(capsys, tmp_path):
 def test_lora_flags_train_an_adapter(capsys, tmp_path):
     pytest.importorskip("peft")
     lora = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj"]
-    code, out, err = _run(capsys, "sft", *QUICK, *lora, "--output_dir", str(tmp_path))
+    code, _, err = _run(capsys, "sft", *QUICK, *lora, "--output_dir", str(tmp_path))
     assert code == 0, err[-3000:]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_reward_lora_needs_seq_cls_and_trains_the_score_head(capsys, tmp_path):
+    pytest.importorskip("peft")
+    lora = ["--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]
+    code, _, err = _run(capsys, "reward", *QUICK, *lora, "--output_dir", str(tmp_path))
+    _assert_one_line_error(code, err, "--lora_task_type CAUSAL_LM cannot adapt the sequence classifier")
+    code, _, err = _run(capsys, "reward", *QUICK, *lora, "--lora_task_type", "SEQ_CLS", "--output_dir", str(tmp_path))
+    assert code == 0, err[-3000:]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    adapter = load_file(tmp_path / "adapter_model.safetensors")
+    initial, _ = cli.builtin_model(seed=42, classifier=True)
+    score = next(value for name, value in adapter.items() if name.endswith("score.weight"))
+    assert not torch.equal(score, initial.score.weight)  # the head trained with the adapters
 
 
 def test_runs_under_accelerate_launch(tmp_path):

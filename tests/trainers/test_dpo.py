@@ -342,7 +342,7 @@ def test_peft_config_without_peft_is_a_clear_error(tiny_model_dir, tmp_path, mon
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
     args = DPOConfig(output_dir=str(tmp_path), **BASE_CONFIG)
-    with pytest.raises(ImportError, match="peft is not installed"):
+    with pytest.raises(ImportError, match="needs peft, which is not installed"):
         DPOTrainer(tiny_model_dir, args=args, train_dataset=DATASETS["standard"](), peft_config=object())
 
 

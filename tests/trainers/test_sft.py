@@ -413,7 +413,7 @@ def test_bad_input_is_a_clear_error(case, tiny_model_dir, tmp_path):
 def test_peft_config_without_peft_is_a_clear_error(tiny_model_dir, tmp_path, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
-    with pytest.raises(ImportError, match="peft is not installed"):
+    with pytest.raises(ImportError, match="needs peft, which is not installed"):
         SFTTrainer(tiny_model_dir, args=_config(posttrain, tmp_path), train_dataset=_text(), peft_config=object())
 
 
