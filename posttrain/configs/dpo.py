@@ -165,6 +165,12 @@ class DPOConfig(PosttrainConfig):
             )
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        if self.loss_weights is not None and not all(
+            isinstance(w, (int, float)) and math.isfinite(w) for w in self.loss_weights
+        ):
+            raise ValueError(f"loss_weights must be finite numbers, got {self.loss_weights!r}")
+        if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"ref_model_mixup_alpha must lie in [0, 1], got {self.ref_model_mixup_alpha!r}")
         if self.f_divergence_type not in F_DIVERGENCE_TYPES:
             raise ValueError(
                 f"f_divergence_type {self.f_divergence_type!r} is not one of: {', '.join(F_DIVERGENCE_TYPES)}"

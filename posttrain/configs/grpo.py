@@ -14,6 +14,16 @@ VLLM_MODES = ("colocate", "server")
 VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
+def _is_finite(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _finite(field: str, value, condition: str, holds) -> None:
+    """A field that must be a finite number meeting `condition` (its text, with `holds` its check)."""
+    if not (_is_finite(value) and holds(value)):
+        raise ValueError(f"{field} must be a finite number {condition}".rstrip() + f", got {value!r}")
+
+
 def _one_of(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} {value!r} is not one of: {', '.join(map(str, choices))}")
@@ -38,7 +48,8 @@ class GRPOConfig(PosttrainConfig):
             ds3_gather_for_generation, shuffle_dataset, pad_to_multiple_of ("auto": 128 on Neuron, else none).
         Generation: generation_batch_size, steps_per_generation, temperature, top_p, top_k, min_p, generation_kwargs
             (extra GenerationConfig / SamplingParams fields, which win over the ones above), chat_template_kwargs,
-            repetition_penalty, cache_implementation, use_transformers_continuous_batching (+ config).
+            repetition_penalty, cache_implementation, use_transformers_continuous_batching (+ config),
+            transformers_sampling_logprobs (posttrain's: the importance-sampling correction without vLLM).
         vLLM (optional dependency, `pip install 'posttrain[vllm]'`): use_vllm, vllm_mode, vllm_model_impl,
             vllm_enable_sleep_mode, vllm_structured_outputs_regex, vllm_server_*, vllm_group_port,
             vllm_gpu_memory_utilization, vllm_max_model_length, vllm_tensor_parallel_size,
@@ -63,6 +74,10 @@ class GRPOConfig(PosttrainConfig):
         >>> args.steps_per_generation, args.generation_batch_size
         (1, 8)
     """
+
+    _VALID_DICT_FIELDS = PosttrainConfig._VALID_DICT_FIELDS + [
+        "model_init_kwargs", "transformers_continuous_batching_config", "generation_kwargs", "chat_template_kwargs",
+    ]  # fmt: skip
 
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
 
@@ -243,6 +258,13 @@ class GRPOConfig(PosttrainConfig):
     transformers_continuous_batching_config: dict | str | None = field(
         default=None, metadata={"help": "ContinuousBatchingConfig keyword arguments."}
     )
+    transformers_sampling_logprobs: bool = field(
+        default=False,
+        metadata={"help": "posttrain only: transformers' generate / continuous batching report the sampled tokens' "
+                  "log-probs (processed logits, as vLLM's processed_logprobs), so that the "
+                  "vllm_importance_sampling_* correction and the off-policy mask use them as with vLLM (TRL corrects "
+                  "vLLM samples only)."},
+    )  # fmt: skip
 
     # Deprecated in TRL, kept so that configs written for it still load
     use_transformers_paged: bool = field(
@@ -318,13 +340,15 @@ class GRPOConfig(PosttrainConfig):
             raise ValueError(f"max_completion_length must be an integer >= 1, got {self.max_completion_length!r}")
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        beta = self.beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-            raise ValueError(
-                f"beta must be a finite number >= 0 (the KL coefficient; 0 builds no reference model), got {beta!r}"
-            )
+        _finite("temperature", self.temperature, "> 0", lambda x: x > 0)
+        _finite("beta", self.beta, ">= 0 (the KL coefficient; 0 builds no reference model)", lambda x: x >= 0)
+        _finite("epsilon", self.epsilon, ">= 0", lambda x: x >= 0)
+        if self.epsilon_high is not None:
+            _finite("epsilon_high", self.epsilon_high, ">= 0", lambda x: x >= 0)
+        _finite("entropy_coef", self.entropy_coef, "", lambda x: True)
+        for weight in self.reward_weights or ():
+            if not _is_finite(weight):
+                raise ValueError(f"reward_weights must be finite numbers, got {self.reward_weights!r}")
 
     def _resolve_generation_batch(self):
         global_batch = self.per_device_train_batch_size * self.world_size
@@ -367,7 +391,7 @@ class GRPOConfig(PosttrainConfig):
             )
         if (
             self.loss_type == "vespo"
-            and self.use_vllm
+            and (self.use_vllm or self.transformers_sampling_logprobs)
             and self.vllm_importance_sampling_correction
             and self.vllm_importance_sampling_mode.startswith("sequence_")
         ):

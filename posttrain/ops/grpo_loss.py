@@ -373,7 +373,10 @@ def _check_options(options, ref_logps, max_completion_length, num_items, num_seq
     if level not in IMPORTANCE_SAMPLING_LEVELS:
         raise ValueError(f"importance_sampling_level {level!r} is not one of: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
     _check_number("beta", options["beta"], nonnegative=True)
-    for name in ("epsilon_low", "epsilon_high", *VESPO_FIELDS):
+    for name in ("epsilon_low", "epsilon_high"):
+        # the clipping range [1 - epsilon_low, 1 + epsilon_high] must hold 1: a negative epsilon would invert it
+        _check_number(name, options[name], nonnegative=True)
+    for name in VESPO_FIELDS:
         _check_number(name, options[name])
     for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
         _check_number(name, options[name], positive=True)
@@ -450,7 +453,8 @@ def grpo_loss(
         ref_logps: [B, T] reference-model log-probabilities; required when beta != 0.
         beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level, sapo_temperature_pos,
             sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
-            use_bias_correction_kl: GRPOConfig's fields (epsilon_low is GRPOConfig.epsilon; beta >= 0).
+            use_bias_correction_kl: GRPOConfig's fields (epsilon_low is GRPOConfig.epsilon; beta, epsilon_low and
+            epsilon_high >= 0).
         max_completion_length: required by dr_grpo.
         num_items: the token normalizer of bnpo, dapo, cispo and vespo (a number or a 0-d tensor, used as given),
             default max(mask.sum(), 1). TRL passes max(num_items_in_batch, 1) / num_processes *

@@ -26,8 +26,9 @@ from posttrain.data.dpo import (
     DataCollatorForPreference,
     prepare_preference_dataset,
 )
-from posttrain.models.attention import use_padding_free_attention
+from posttrain.data.token_ids import check_token_ids
 from posttrain.losses.dpo import completion_lengths, dpo_preference_loss, per_sequence, sequence_logps, wpo_weights
+from posttrain.models.attention import use_padding_free_attention
 from posttrain.models.lm_head import HeadLoss, LabelLayout, packed_layout
 from posttrain.ops.dpo_loss import LOSS_SEMANTICS
 
@@ -121,6 +122,7 @@ class DPOTrainer(PosttrainTrainer):
         self.use_weighting = args.use_weighting
         self.precompute_ref_logps = args.precompute_ref_log_probs
 
+        self._vocab_size = model.get_input_embeddings().num_embeddings
         train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
         eval_dataset = self._prepare_eval_datasets(eval_dataset, processing_class, args)
 
@@ -148,10 +150,11 @@ class DPOTrainer(PosttrainTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args: DPOConfig, dataset_name: str):
         with args.main_process_first(desc=f"preparing the {dataset_name} dataset"):
-            return prepare_preference_dataset(
+            prepared = prepare_preference_dataset(
                 dataset, processing_class, max_length=args.max_length, truncation_mode=args.truncation_mode,
                 num_proc=args.dataset_num_proc if isinstance(dataset, Dataset) else None, dataset_name=dataset_name,
             )  # fmt: skip
+        return check_token_ids(prepared, self._vocab_size, dataset_name, TOKENIZED_COLUMNS)
 
     def _prepare_eval_datasets(self, eval_dataset, processing_class, args: DPOConfig):
         if eval_dataset is None:
@@ -189,12 +192,6 @@ class DPOTrainer(PosttrainTrainer):
 
     def _precompute_all(self) -> None:
         args = self.args
-        if self.ref_model is None and self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                "precompute_ref_log_probs=True without a ref_model is not supported under DeepSpeed yet: the policy "
-                "is only placed on the devices when training starts. Pass a ref_model or compute the reference "
-                "log-probs during training"
-            )
         self.train_dataset = self._precompute_ref_logps(
             self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size
         )
@@ -220,12 +217,12 @@ class DPOTrainer(PosttrainTrainer):
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
         )  # fmt: skip
         chosen, rejected = [], []
-        model = self.ref_model if self.ref_model is not None else self.model
-        for batch in self.accelerator.prepare(loader):
-            ref_chosen, ref_rejected = self.compute_ref_log_probs(model, batch)
-            ref_chosen, ref_rejected = self.accelerator.gather_for_metrics((ref_chosen, ref_rejected))
-            chosen.append(ref_chosen.float().cpu())
-            rejected.append(ref_rejected.float().cpu())
+        with self.reference_pass_model() as model:
+            for batch in self.accelerator.prepare(loader):
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(model, batch)
+                ref_chosen, ref_rejected = self.accelerator.gather_for_metrics((ref_chosen, ref_rejected))
+                chosen.append(ref_chosen.float().cpu())
+                rejected.append(ref_rejected.float().cpu())
         columns = {"ref_chosen_logps": torch.cat(chosen).tolist(), "ref_rejected_logps": torch.cat(rejected).tolist()}
         for column, values in columns.items():
             dataset = dataset.remove_columns(column) if column in dataset.column_names else dataset

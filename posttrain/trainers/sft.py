@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 from posttrain.configs.sft import SFTConfig
 from posttrain.data.packing import DataCollatorForLanguageModeling
 from posttrain.data.sft import check_assistant_only_loss, first_example, prepare_sft_dataset, set_chat_template
+from posttrain.data.token_ids import check_token_ids
 from posttrain.losses.sft import sft_loss
 from posttrain.models.attention import use_padding_free_attention
 from posttrain.models.lm_head import HeadLoss
@@ -82,6 +83,7 @@ class SFTTrainer(PosttrainTrainer):
         model = self._setup_model(model, args, sample, peft_config)
         self._formatting_func = formatting_func
         data_collator = self._setup_collator(args, sample, data_collator)
+        self._vocab_size = model.get_input_embeddings().num_embeddings
         train_dataset, eval_dataset = self._setup_datasets(args, data_collator, train_dataset, eval_dataset)
         _check_loss_options(args, compute_loss_func)
         _check_checkpointing_kwargs(args)
@@ -143,7 +145,9 @@ class SFTTrainer(PosttrainTrainer):
         eval_sets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset} if eval_dataset else {}
         self._check_skipped_preparation({"train": train_dataset, **eval_sets}, data_collator)
         if self._skip_prepare_dataset:
-            return train_dataset, eval_dataset
+            checked = {name: check_token_ids(ds, self._vocab_size, name) for name, ds in eval_sets.items()}
+            eval_dataset = checked if isinstance(eval_dataset, dict) else checked.get("eval")
+            return check_token_ids(train_dataset, self._vocab_size, "train"), eval_dataset
         if self.completion_only_loss and self._formatting_func is not None:
             raise ValueError(
                 "formatting_func turns examples into plain text, which has no completion to restrict the loss to, "
@@ -185,7 +189,7 @@ class SFTTrainer(PosttrainTrainer):
             )
 
     def _prepare(self, dataset, args: SFTConfig, packing: bool, name: str):
-        return prepare_sft_dataset(
+        prepared = prepare_sft_dataset(
             dataset,
             self._tokenizer,
             dataset_text_field=args.dataset_text_field,
@@ -201,6 +205,7 @@ class SFTTrainer(PosttrainTrainer):
             num_proc=args.dataset_num_proc,
             name=name,
         )
+        return check_token_ids(prepared, self._vocab_size, name)
 
     def _prepare_eval(self, eval_dataset, args: SFTConfig):
         if eval_dataset is None:
