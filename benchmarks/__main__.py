@@ -10,7 +10,6 @@ another commit (a git worktree, its own posttrain) side by side with this checko
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -58,11 +57,6 @@ def forwarded_args(args) -> list[str]:
     return argv + ["--smoke"] * args.smoke + ["--trainers"] * args.trainers
 
 
-def _stop_on_sigterm():
-    # a time limit's SIGTERM unwinds through `finally`, so the report covers what was measured
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
 def measure(args, device, recorder) -> None:
     from benchmarks.environment import record_ceilings, record_floor
     from benchmarks.registry import REGISTRY
@@ -79,10 +73,10 @@ def measure(args, device, recorder) -> None:
             continue
         for shape in shapes:
             for dtype in dtypes:
-                key = (shape["N"], shape["H"], shape["V"], dtype)
-                if key not in floors:
-                    floors.add(key)
-                    record_floor(recorder, shape, dtype, device)
+                for (n, h, v), _ in bench.floor(shape):
+                    if (n, h, v, dtype) not in floors:
+                        floors.add((n, h, v, dtype))
+                        record_floor(recorder, {"N": n, "H": h, "V": v}, dtype, device)
     if args.trainers:
         from benchmarks.trainers import run_trainers
 
@@ -97,7 +91,7 @@ def main(argv=None) -> int:
         return run_base(args.base, forwarded_args(args), args.out)
     from benchmarks.environment import record_environment
     from benchmarks.report import write_all
-    from benchmarks.sink import Recorder
+    from benchmarks.sink import Recorder, stop_on_sigterm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -108,7 +102,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.jsonl").unlink(missing_ok=True)
     recorder = Recorder(args.out / "results.jsonl")
-    _stop_on_sigterm()
+    stop_on_sigterm()
     try:
         record_environment(recorder, device)
         measure(args, device, recorder)

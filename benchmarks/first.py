@@ -6,7 +6,8 @@ verify    posttrain and torch at bf16, each against an fp32 reference, at the he
 headline  the ceilings and cuBLAS GEMM floors, then fused_linear_logprob (posttrain, TRL's head, Liger, torch) and the
           fused linear loss rows (SFT NLL, GRPO) at both headline shapes, torch.compile last (its compiles are slow)
 tiles     one row per candidate tile of the LM-head kernels, each pinned in turn (with POSTTRAIN_AUTOTUNE=1: tiles.py)
-trainers  SFT, DPO and GRPO steps against TRL, then the longest DPO / GRPO sequence that fits, until the deadline
+trainers  SFT, DPO and GRPO steps against TRL: tokens/s and peak memory
+memory    the longest sequence that trains one step, per trainer and variant (benchmarks/memory.py), until the deadline
 report    report.md, summary.json, results.csv and report.png from DIR/first.jsonl (and DIR/tests.log); prints report.md
 
 Every row is appended to DIR/first.jsonl and flushed as it is measured. A phase stops starting measurements once its
@@ -23,7 +24,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-PHASES = ("verify", "headline", "tiles", "trainers", "report")
+PHASES = ("verify", "headline", "tiles", "trainers", "memory", "report")
+# The memory phase's smoke run: the cheapest search that still fills max_seq_len and trl_max_seq_len
+SMOKE_MEMORY = {"trainers": ("dpo",), "variants": ("trl", "posttrain")}
 JSONL = "first.jsonl"
 
 
@@ -78,6 +81,12 @@ def run_phase(phase: str, out: Path, smoke: bool, deadline) -> None:
         from benchmarks.trainers import run_trainers
 
         run_trainers(device, recorder, smoke=smoke, deadline=deadline)
+    elif phase == "memory":
+        from benchmarks.memory import run_memory
+        from benchmarks.sink import stop_on_sigterm
+
+        stop_on_sigterm()  # its workers are killed and its unfinished searches recorded as cut
+        run_memory(recorder, smoke, deadline, **(SMOKE_MEMORY if smoke else {}))
 
 
 def report(out: Path) -> None:

@@ -20,8 +20,9 @@ from posttrain.ops import (
 
 # TRL's trainers call its fused head with this vocabulary chunk (trl/trainer/utils.py, TRL 1.16)
 TRL_CHUNK_SIZE = 32768
-# posttrain's 3-GEMM fused linear loss: older commits (--base) and some checkouts lack it
+# posttrain's 3-GEMM fused linear loss and its fused linear divergence: older commits (--base) lack them
 FUSED_LOSS_MODULE = "posttrain.ops.fused_linear_loss"
+DIVERGENCE_MODULE = "posttrain.ops.fused_linear_divergence"
 
 
 @dataclass(frozen=True)
@@ -215,3 +216,57 @@ def linear_loss_providers(loss, liger=None) -> dict[str, Provider]:
 
 FUSED_LINEAR_LOSS_SFT = linear_loss_providers(sft_nll, liger=_liger_sft)
 FUSED_LINEAR_LOSS_GRPO = linear_loss_providers(grpo_clipped)
+
+
+# ---- The fused linear divergence rows: a distillation step's loss from both models' hidden states ----
+
+
+def _divergence_args(x):
+    return x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], x["mask"]
+
+
+def _posttrain_divergence(beta, temperature, impl):
+    def run(x):
+        from posttrain.ops.fused_linear_divergence import fused_linear_divergence
+
+        return fused_linear_divergence(*_divergence_args(x), beta=beta, temperature=temperature, impl=impl).loss
+
+    return run
+
+
+def _trl_divergence(beta, temperature):
+    # TRL 1.16's DistillationTrainer loss (its chunked Triton head on CUDA), the mean over the counted rows
+    def run(x):
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        s_hidden, s_weight, t_hidden, t_weight, mask = _divergence_args(x)
+        return _chunked_divergence_loss(s_hidden, t_hidden, s_weight, t_weight, mask.long(), beta,
+                                        temperature=temperature)[0]  # fmt: skip
+
+    return run
+
+
+def _liger_divergence(beta, temperature):
+    # Liger's fused linear JSD: the same mean over the rows whose label is not -100, gradients in the forward (as
+    # posttrain's "mean"); its module holds no parameters, so building it per call costs nothing
+    def run(x):
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        s_hidden, s_weight, t_hidden, t_weight, mask = _divergence_args(x)
+        labels = torch.where(mask, 0, -100)
+        return LigerFusedLinearJSD(jsd_beta=beta, temperature=temperature)(s_hidden, s_weight, t_hidden, t_weight,
+                                                                          labels)  # fmt: skip
+
+    return run
+
+
+def linear_divergence_providers(beta: float, temperature: float) -> dict[str, Provider]:
+    """posttrain's fused linear divergence (Triton and its chunked torch reference), TRL 1.16's chunked divergence
+    and Liger's fused linear JSD, all computing the generalized JSD with `beta` at `temperature`, averaged over the
+    rows the mask counts."""
+    return {
+        "posttrain": Provider(_posttrain_divergence(beta, temperature, "triton"), DIVERGENCE_MODULE),
+        "torch": Provider(_posttrain_divergence(beta, temperature, "torch"), DIVERGENCE_MODULE),
+        "trl": Provider(_trl_divergence(beta, temperature), "trl.trainer.distillation_trainer"),
+        "liger": Provider(_liger_divergence(beta, temperature), "liger_kernel", ("cuda",)),
+    }

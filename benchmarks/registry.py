@@ -17,8 +17,8 @@ class OpBenchmark:
     make_inputs(shape, dtype, device, seed) returns a dict of tensors, including the leaves named in grad_names (which
     require grad) and "grad_output" (the upstream gradient of the provider's output). flops(shape, mode) and
     moved_bytes(shape, dtype, mode) are the work any implementation must do: they turn times into TFLOP/s and GB/s.
-    floor: "floor4_ms" or "floor3_ms" for an LM-head op (N, H, V shapes) whose forward+backward is compared with the
-    cuBLAS GEMMs it must at least do (ceilings.gemm_floor), measured in the same run.
+    floor(shape) lists the cuBLAS GEMMs an LM-head op's forward+backward must at least do, as ((N, H, V), name) terms
+    naming a time of ceilings.gemm_floor measured in the same run at that GEMM shape; the floor is their sum.
     """
 
     name: str
@@ -32,7 +32,7 @@ class OpBenchmark:
     modes: tuple[str, ...] = ("forward", "backward", "full")
     bound: str = "compute"  # which ceiling its rows are compared with: "compute" (matmul) or "memory" (copy)
     baseline: str = "torch"
-    floor: str | None = None
+    floor: Callable[[dict], list[tuple[tuple[int, int, int], str]]] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -162,6 +162,59 @@ def _grpo_loss_bytes(shape, dtype, mode):
     ]
 
 
+def head_floor(name: str):
+    """The floor of an (N, H, V) head: one gemm_floor time ("floor4_ms": the logits recomputed; "floor3_ms": not)."""
+    return lambda shape: [((shape["N"], shape["H"], shape["V"]), name)]
+
+
+# the share of rows a distillation mask counts (completion tokens): exactly this many, at random places
+DIVERGENCE_MASK_FRACTION = 0.9
+# TRL's DistillationConfig default
+DIVERGENCE_TEMPERATURE = 1.0
+
+
+def counted_rows(shape) -> int:
+    return round(DIVERGENCE_MASK_FRACTION * shape["N"])
+
+
+def linear_divergence_inputs(shape, dtype, device, seed=0):
+    """student_hidden [N, Hs] and student_weight [V, Hs] / sqrt(Hs) (both needing grad), teacher_hidden [N, Ht],
+    teacher_weight [V, Ht] / sqrt(Ht), mask [N] bool with exactly counted_rows(shape) True at random places, and a
+    scalar grad_output (the loss is a mean)."""
+    n, hs, ht, v = shape["N"], shape["Hs"], shape["Ht"], shape["V"]
+    gen = _generator(device, seed)
+    student_hidden = torch.randn(n, hs, device=device, dtype=dtype, generator=gen).requires_grad_()
+    student_weight = (torch.randn(v, hs, device=device, dtype=dtype, generator=gen) / hs**0.5).requires_grad_()
+    teacher_hidden = torch.randn(n, ht, device=device, dtype=dtype, generator=gen)
+    teacher_weight = torch.randn(v, ht, device=device, dtype=dtype, generator=gen) / ht**0.5
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[torch.randperm(n, device=device, generator=gen)[: counted_rows(shape)]] = True
+    return {"student_hidden": student_hidden, "student_weight": student_weight, "teacher_hidden": teacher_hidden,
+            "teacher_weight": teacher_weight, "mask": mask, "grad_output": torch.ones((), device=device)}  # fmt: skip
+
+
+def _divergence_flops(shape, mode):
+    # over the counted rows: both heads' logits forward; full adds the student's dH and dW
+    gemm_rows = 2.0 * counted_rows(shape) * shape["V"]
+    return gemm_rows * ({"forward": shape["Hs"] + shape["Ht"], "full": 3 * shape["Hs"] + shape["Ht"]}[mode])
+
+
+def _divergence_bytes(shape, dtype, mode):
+    n, hs, ht, v = shape["N"], shape["Hs"], shape["Ht"], shape["V"]
+    student = (n * hs + v * hs) * FLOAT_BYTES[dtype]
+    inputs = student + (n * ht + v * ht) * FLOAT_BYTES[dtype]
+    return {"forward": inputs, "full": inputs + student}[mode]
+
+
+def _divergence_floor(shape):
+    # four GEMMs over the counted rows: the student's logits, dH and dW (gemm_floor's three) and the teacher's logits
+    n, v = counted_rows(shape), shape["V"]
+    return [((n, shape["Hs"], v), "floor3_ms"), ((n, shape["Ht"], v), "logits_ms")]
+
+
+# beta of each divergence entry: forward KL, the symmetric JSD, reverse KL (TRL's DistillationConfig default)
+DIVERGENCE_BETAS = {"fkl": 0.0, "jsd": 0.5, "rkl": 1.0}
+
 HEADLINE_SHAPES = [
     {"N": 8192, "H": 896, "V": 151936},  # Qwen2-0.5B's head
     {"N": 16384, "H": 4096, "V": 151936},  # a 7B-class head
@@ -181,7 +234,7 @@ REGISTRY: dict[str, OpBenchmark] = {
         grad_names=("hidden", "weight"),
         flops=_linear_logprob_flops,
         moved_bytes=_linear_logprob_bytes,
-        floor="floor4_ms",
+        floor=head_floor("floor4_ms"),
     ),
     **{
         f"fused_linear_loss_{loss}": OpBenchmark(
@@ -194,9 +247,28 @@ REGISTRY: dict[str, OpBenchmark] = {
             flops=_linear_loss_flops,
             moved_bytes=_linear_logprob_bytes,
             modes=("full",),
-            floor="floor3_ms",
+            floor=head_floor("floor3_ms"),
         )
         for loss, providers in (("sft", P.FUSED_LINEAR_LOSS_SFT), ("grpo", P.FUSED_LINEAR_LOSS_GRPO))
+    },
+    **{
+        f"fused_linear_divergence_{name}": OpBenchmark(
+            name=f"fused_linear_divergence_{name}",
+            make_inputs=linear_divergence_inputs,
+            providers=P.linear_divergence_providers(beta, DIVERGENCE_TEMPERATURE),
+            shapes=[
+                {"N": 8192, "Hs": 896, "Ht": 1536, "V": 151936},  # Qwen2-0.5B from Qwen2-1.5B
+                {"N": 16384, "Hs": 1536, "Ht": 3584, "V": 151936},  # Qwen2-1.5B from Qwen2-7B
+                {"N": 4096, "Hs": 2048, "Ht": 4096, "V": 128256},  # Llama-3.2-1B from Llama-3.1-8B
+            ],
+            smoke_shapes=[{"N": 37, "Hs": 32, "Ht": 48, "V": 1000}],
+            grad_names=("student_hidden", "student_weight"),
+            flops=_divergence_flops,
+            moved_bytes=_divergence_bytes,
+            modes=("forward", "full"),
+            floor=_divergence_floor,
+        )
+        for name, beta in DIVERGENCE_BETAS.items()
     },
     "selective_log_softmax": OpBenchmark(
         name="selective_log_softmax",

@@ -26,8 +26,13 @@ LIGER_NOTE = (
     " providers return per-token log-probs whose upstream gradient arrives in the backward. Its row is the easier"
     " sum-loss problem, not the same work."
 )
-SUMMARY_OPS = {"fused_linear_logprob": "fused_linear_logprob", "fused_linear_loss_sft": "fused_linear_loss",
-               "fused_linear_loss_grpo": "fused_linear_loss"}  # fmt: skip
+# summary.json's LM-head sections: op -> (section, the field naming the variant within it, the variant)
+SUMMARY_OPS = {
+    "fused_linear_logprob": ("fused_linear_logprob", None, None),
+    **{f"fused_linear_loss_{loss}": ("fused_linear_loss", "loss", loss) for loss in ("sft", "grpo")},
+    **{f"fused_linear_divergence_{name}": ("fused_linear_divergence", "divergence", name)
+       for name in ("fkl", "jsd", "rkl")},
+}  # fmt: skip
 
 
 def by_kind(rows: list[dict]) -> dict[str, list[dict]]:
@@ -57,12 +62,17 @@ def floors_of(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def gemm_floor_ms(row: dict, floors: dict) -> float | None:
-    """The cuBLAS floor of an op row's forward+backward, when its op has one and it was measured."""
+    """The cuBLAS floor of an op row's forward+backward (the sum of its op's floor terms), when its op has one and
+    every term was measured."""
     bench = REGISTRY.get(row["op"])
-    if bench is None or bench.floor is None or row["mode"] != "full" or "N" not in row:
+    if bench is None or bench.floor is None or row["mode"] != "full":
         return None
-    floor = floors.get(_floor_key(row))
-    return floor.get(bench.floor) if floor else None
+    try:
+        terms = bench.floor(row)
+    except KeyError:  # a row without its shape's dimensions
+        return None
+    times = [floors.get((*gemm, row["dtype"]), {}).get(name) for gemm, name in terms]
+    return None if None in times else sum(times)
 
 
 def add_ceiling_fractions(rows, ceilings: dict) -> None:
@@ -165,11 +175,60 @@ def _tile_table(rows: list[dict]) -> list[str]:
 
 
 def merged_trainer_rows(rows: list[dict]) -> list[dict]:
-    """One row per trainer: later records (TRL measured after posttrain, max_seq_len found last) complete earlier."""
+    """One row per trainer: later records (TRL measured after posttrain) complete earlier ones, and each longest-
+    sequence result adds <prefix>max_seq_len (max_seq_len for posttrain, trl_max_seq_len for TRL, ...) with the
+    tokens/s and peak MB of that step."""
+    from benchmarks.memory import summary_prefix
+
     merged = {}
     for row in by_kind(rows)["trainer"]:
         merged.setdefault(row["trainer"], {}).update({k: v for k, v in row.items() if k not in ("kind", "phase")})
+    for row in by_kind(rows)["max_seq"]:
+        prefix = summary_prefix(row["variant"])
+        merged.setdefault(row["trainer"], {"trainer": row["trainer"]}).update({
+            f"{prefix}max_seq_len": row.get("max_seq_len"),
+            f"{prefix}max_seq_tokens_per_s": row.get("tokens_per_s"),
+            f"{prefix}max_seq_peak_mb": row.get("peak_mb"),
+        })  # fmt: skip
     return list(merged.values())
+
+
+MAX_SEQ_NOTE = (
+    "The longest sequence with which one optimizer step ran (SFT and GRPO: one sequence; DPO: one pair of sequences"
+    " that long; GRPO without generation), found by doubling then bisecting to within 1/8; peak MB and tokens/s of"
+    " that step (one step: first-call costs included). 'at the limit': the search's cap, a lower bound; 'cut by the"
+    " deadline': a lower bound. It depends on the GPU's memory: compare rows of one run only."
+)
+
+
+def _ratio_cell(mine: dict, trl: dict | None) -> str:
+    # a search that did not end at an OOM gave a lower bound, so the ratio is a bound too (or unknown)
+    if trl is None or not mine.get("max_seq_len") or not trl.get("max_seq_len"):
+        return ""
+    ratio = f"{mine['max_seq_len'] / trl['max_seq_len']:.2f}x"
+    exact = {"found", "nothing fits"}
+    if trl["status"] in exact:
+        return ratio if mine["status"] in exact else f">= {ratio}"
+    return f"<= {ratio}" if mine["status"] in exact else ""
+
+
+def _max_seq_table(rows: list[dict]) -> list[str]:
+    from benchmarks.memory import TRAINERS, VARIANTS
+
+    if not rows:
+        return []
+    trl = {r["trainer"]: r for r in rows if r["variant"] == "trl"}
+    order = {name: i for i, name in enumerate((*TRAINERS, *VARIANTS))}
+    rows = sorted(rows, key=lambda r: (order.get(r["trainer"], 99), order.get(r["variant"], 99)))
+    header = ["trainer", "variant", "longest seq", "vs TRL", "status", "tokens/s there", "peak MB there",
+              "first OOM at", "probes"]  # fmt: skip
+    cells = []
+    for r in rows:
+        status = r["status"] + (f": {r['error'][:80]}" if r.get("error") else "")
+        cells.append([r["trainer"], r["variant"], str(r.get("max_seq_len") or ""), _ratio_cell(r, trl.get(r["trainer"])),
+                      status, _fmt(r.get("tokens_per_s"), 0), _fmt(r.get("peak_mb"), 0),
+                      str(r.get("first_oom_len") or ""), str(r.get("probes", ""))])  # fmt: skip
+    return ["", "## Longest sequence that trains one step", "", MAX_SEQ_NOTE, ""] + _table(header, cells)
 
 
 def _trainer_table(trainer_rows: list[dict]) -> list[str]:
@@ -227,23 +286,27 @@ def markdown(rows: list[dict], tests_log: str | None = None) -> str:
     lines += _op_tables(kinds["op"], floors_of(rows))
     lines += _tile_table(kinds["tile"])
     lines += _trainer_table(merged_trainer_rows(rows))
+    lines += _max_seq_table(kinds["max_seq"])
     return "\n".join(lines) + "\n"
+
+
+def _shape_fields(row: dict) -> dict:
+    # the shape's dimensions in their label's order (N, H, V; N, Hs, Ht, V for the divergence)
+    return {key: row[key] for key in (part.split("=")[0] for part in row["shape"].split(","))}
 
 
 def summary(rows: list[dict]) -> dict:
     """summary.json: forward+backward of the LM-head ops per shape (fused_linear_logprob; fused_linear_loss, one entry
-    per loss), each provider's median ms, p20/p80 and peak MB (prefixed by the provider, bare for posttrain), the GEMM
-    floor; the verify rows, the trainer rows and the notes."""
+    per loss; fused_linear_divergence, one per divergence), each provider's median ms, p20/p80 and peak MB (prefixed
+    by the provider, bare for posttrain), the GEMM floor; the verify rows, the trainer rows and the notes."""
     floors = floors_of(rows)
-    sections = {"fused_linear_logprob": {}, "fused_linear_loss": {}}
+    sections = {section: {} for section, _, _ in SUMMARY_OPS.values()}
     for row in by_kind(rows)["op"]:
-        section = SUMMARY_OPS.get(row["op"])
-        if section is None or row["mode"] != "full" or row.get("ms_p50") is None:
+        if row["op"] not in SUMMARY_OPS or row["mode"] != "full" or row.get("ms_p50") is None:
             continue
-        loss = row["op"].removeprefix("fused_linear_loss_") if section == "fused_linear_loss" else None
-        entry = sections[section].setdefault((loss, *_floor_key(row)), {})
-        entry.update({**({"loss": loss} if loss else {}), "N": row["N"], "H": row["H"], "V": row["V"],
-                      "dtype": row["dtype"]})  # fmt: skip
+        section, field, variant = SUMMARY_OPS[row["op"]]
+        entry = sections[section].setdefault((variant, row["shape"], row["dtype"]), {})
+        entry.update({**({field: variant} if field else {}), **_shape_fields(row), "dtype": row["dtype"]})
         prefix = "" if row["provider"] == "posttrain" else f"{row['provider']}_"
         for key, column in (("ms", "ms_p50"), ("ms_p20", "ms_p20"), ("ms_p80", "ms_p80")):
             entry[f"{prefix}{key}"] = row[column]
@@ -260,6 +323,7 @@ def summary(rows: list[dict]) -> dict:
         **{name: list(entries.values()) for name, entries in sections.items()},
         "verify": [{k: v for k, v in r.items() if k not in ("kind", "phase")} for r in by_kind(rows)["verify"]],
         "trainers": merged_trainer_rows(rows),
+        "max_seq": [{k: v for k, v in r.items() if k not in ("kind", "phase")} for r in by_kind(rows)["max_seq"]],
         "notes": list(dict.fromkeys(row["text"] for row in by_kind(rows)["note"])),
     }
 

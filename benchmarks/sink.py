@@ -6,6 +6,8 @@ Each row is a dict with a "kind": env, ceiling, op, floor, verify, tile, trainer
 
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -61,3 +63,8 @@ def read_rows(path: Path) -> list[dict]:
 def past(deadline: float | None, margin_s: float = 0.0) -> bool:
     """Whether less than `margin_s` is left before `deadline` (seconds since the epoch; None: no deadline)."""
     return deadline is not None and time.time() > deadline - margin_s
+
+
+def stop_on_sigterm() -> None:
+    """Turn a time limit's SIGTERM into SystemExit, so `finally` blocks still write what was measured."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -1,8 +1,9 @@
 """Trainer-step rows: SFT, DPO and GRPO training tokens/s and peak memory, posttrain against TRL 1.16 on the same
-random Qwen2-0.5B-shaped model and data, and the longest DPO / GRPO sequence that fits on the GPU with each.
+random Qwen2-0.5B-shaped model and data (the longest sequence each fits: benchmarks/memory.py).
 
 SFT: packed 2048-token rows, 8 per step. DPO: 8 pairs of 1024-token sequences. GRPO: one prompt's 8 generations of
 1024 completion tokens, the training step only (generation excluded: a prepared batch goes straight to the loss).
+A Setup changes the batch and adds config fields or trainer arguments (the memory search's variants).
 """
 
 import gc
@@ -10,6 +11,7 @@ import importlib
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
@@ -24,6 +26,20 @@ QWEN2_05B = dict(
     num_key_value_heads=2, max_position_embeddings=131072, tie_word_embeddings=True, rope_theta=1000000.0,
 )  # fmt: skip
 LIBRARIES = ("posttrain", "trl")
+GRPO_PROMPT_LEN = 128
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A step's settings beyond the library's defaults: sequences (DPO: pairs) per step, extra config fields (e.g.
+    activation_offloading=True; SFT packs its rows unless packing=False) and extra trainer arguments (peft_config)."""
+
+    batch: int = 8
+    config: dict = field(default_factory=dict)
+    trainer_kwargs: dict = field(default_factory=dict)
+
+
+DEFAULT_SETUP = Setup()
 
 
 class _StepTimer(TrainerCallback):
@@ -52,7 +68,19 @@ def _free():
         torch.cuda.empty_cache()
 
 
-def _model_dir(config_kwargs: dict, dtype, root: str) -> str:
+def model_config(smoke: bool) -> tuple[dict, torch.dtype]:
+    """The benchmark model's config fields and dtype: Qwen2-0.5B's shape in bf16, or the tiny Qwen2 in fp32 (smoke)."""
+    if smoke:
+        return {k: v for k, v in tiny_qwen2_config().to_dict().items() if k in QWEN2_05B}, torch.float32
+    return QWEN2_05B, torch.bfloat16
+
+
+def model_label(smoke: bool) -> str:
+    return "tiny-qwen2 (smoke)" if smoke else "Qwen2-0.5B-shaped, random, bf16"
+
+
+def save_model(config_kwargs: dict, dtype, root: str) -> str:
+    """A random-weight Qwen2 with `config_kwargs` in `dtype`, and the byte-level tokenizer, saved under `root`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     with torch.random.fork_rng(devices=[]):
@@ -69,39 +97,39 @@ def _random_text(n_chars: int, seed: int) -> str:
     return "".join(chr(ord("a") + i) for i in torch.randint(0, 26, (n_chars,), generator=gen).tolist())
 
 
-def _sft_data(seq_len: int, rows: int) -> Dataset:
-    # two sequences of seq_len / 2 tokens fill each packed row exactly
-    half = seq_len // 2
+def _sft_data(seq_len: int, rows: int, packed: bool) -> Dataset:
+    # packed: two sequences of seq_len / 2 tokens fill each row exactly; else one sequence per row (the EOS appended
+    # makes seq_len tokens)
     gen = torch.Generator().manual_seed(0)
-    return Dataset.from_dict({"input_ids": torch.randint(0, 256, (2 * rows, half - 1), generator=gen).tolist()})
+    shape = (2 * rows, seq_len // 2 - 1) if packed else (rows, seq_len - 1)
+    return Dataset.from_dict({"input_ids": torch.randint(0, 256, shape, generator=gen).tolist()})
 
 
 def _dpo_data(seq_len: int, pairs: int) -> Dataset:
     # the byte-level tokenizer makes one token per character; prompt and completion take half the sequence each
     half = seq_len // 2 - 1
-    return Dataset.from_list(
-        [{"prompt": _random_text(half, 3 * i), "chosen": _random_text(half, 3 * i + 1),
-          "rejected": _random_text(half, 3 * i + 2)} for i in range(pairs)]  # fmt: skip
-    )
+    columns = ("prompt", "chosen", "rejected")
+    return Dataset.from_list([{c: _random_text(half, 3 * i + j) for j, c in enumerate(columns)} for i in range(pairs)])
 
 
-def _common_args(output_dir: str, steps: int, device_type: str, **extra):
+def _common_args(output_dir: str, steps: int, device_type: str, batch: int = 8, **extra):
     return dict(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-6,
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-6,
         logging_steps=10**6, save_strategy="no", report_to="none", bf16=device_type == "cuda",
         use_cpu=device_type != "cuda", disable_tqdm=True, seed=0, **extra,
     )  # fmt: skip
 
 
 def _train_tokens_per_s(trainer_cls, config_cls, model_dir, data, tokens_per_step, steps, warmup, device_type,
-                        **config_extra):  # fmt: skip
+                        setup: Setup, **config_extra):  # fmt: skip
     """(tokens/s over the steps after `warmup`, peak MB) of trainer.train() for `steps` steps."""
     with tempfile.TemporaryDirectory() as out:
-        args = config_cls(**_common_args(out, steps, device_type, **config_extra))
+        args = config_cls(**_common_args(out, steps, device_type, setup.batch, **{**config_extra, **setup.config}))
         timer = _StepTimer()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer = trainer_cls(model=model_dir, args=args, train_dataset=data, callbacks=[timer])
+            trainer = trainer_cls(model=model_dir, args=args, train_dataset=data, callbacks=[timer],
+                                  **setup.trainer_kwargs)  # fmt: skip
             _reset_peak()
             trainer.train()
         peak = _peak_mb()
@@ -121,25 +149,25 @@ def _peak_mb():
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
-def sft_step(library, model_dir, seq_len, steps, warmup, device_type):
+def sft_step(library, model_dir, seq_len, steps, warmup, device_type, setup=DEFAULT_SETUP):
     module = importlib.import_module(library)
-    rows = 8 * steps
+    packed = setup.config.get("packing", True)
+    data = _sft_data(seq_len, setup.batch * steps, packed)
     return _train_tokens_per_s(
-        module.SFTTrainer, module.SFTConfig, model_dir, _sft_data(seq_len, rows), 8 * seq_len, steps, warmup,
-        device_type, packing=True, max_length=seq_len,
+        module.SFTTrainer, module.SFTConfig, model_dir, data, setup.batch * seq_len, steps, warmup, device_type, setup,
+        packing=packed, max_length=seq_len,
     )  # fmt: skip
 
 
-def dpo_step(library, model_dir, seq_len, steps, warmup, device_type):
+def dpo_step(library, model_dir, seq_len, steps, warmup, device_type, setup=DEFAULT_SETUP):
     module = importlib.import_module(library)
     return _train_tokens_per_s(
-        module.DPOTrainer, module.DPOConfig, model_dir, _dpo_data(seq_len, 8 * steps), 2 * 8 * seq_len,
-        steps, warmup, device_type, max_length=seq_len,
+        module.DPOTrainer, module.DPOConfig, model_dir, _dpo_data(seq_len, setup.batch * steps),
+        2 * setup.batch * seq_len, steps, warmup, device_type, setup, max_length=seq_len,
     )  # fmt: skip
 
 
-def _grpo_batch(completion_len: int, generations: int, device) -> dict:
-    prompt_len = 128
+def _grpo_batch(prompt_len: int, completion_len: int, generations: int, device) -> dict:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (generations, prompt_len + completion_len), generator=gen).to(device)
     completion_mask = torch.ones(generations, completion_len, dtype=torch.long, device=device)
@@ -153,22 +181,26 @@ def _grpo_batch(completion_len: int, generations: int, device) -> dict:
     }
 
 
-def grpo_step(library, model_dir, completion_len, steps, warmup, device_type):
-    """The GRPO training step without generation: compute_loss + backward + optimizer step on a prepared batch."""
+def grpo_step(library, model_dir, completion_len, steps, warmup, device_type, setup=DEFAULT_SETUP,
+              prompt_len=GRPO_PROMPT_LEN):  # fmt: skip
+    """The GRPO training step without generation: compute_loss + backward + optimizer step on a prepared batch of
+    setup.batch generations of prompt_len + completion_len tokens."""
     module = importlib.import_module(library)
+    # a valid config (TRL needs >= 2 generations per prompt); the step trains on the prepared batch alone
+    generations = max(setup.batch, 2)
     with tempfile.TemporaryDirectory() as out:
-        args = module.GRPOConfig(**_common_args(out, steps, device_type, num_generations=8,
-                                                max_completion_length=completion_len))  # fmt: skip
+        args = module.GRPOConfig(**_common_args(out, steps, device_type, generations, num_generations=generations,
+                                                max_completion_length=completion_len, **setup.config))  # fmt: skip
         prompts = Dataset.from_dict({"prompt": ["a"] * 16})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = module.GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-                                         args=args, train_dataset=prompts)  # fmt: skip
+                                         args=args, train_dataset=prompts, **setup.trainer_kwargs)  # fmt: skip
         trainer.create_optimizer_and_scheduler(num_training_steps=steps)
         trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop would set
         model = trainer.model
         model.train()
-        batch = _grpo_batch(completion_len, 8, trainer.accelerator.device)
+        batch = _grpo_batch(prompt_len, completion_len, setup.batch, trainer.accelerator.device)
         _reset_peak()
         times = []
         for _ in range(steps):
@@ -185,30 +217,10 @@ def grpo_step(library, model_dir, completion_len, steps, warmup, device_type):
     del trainer, model
     _free()
     timed = times[warmup:] or times
-    return 8 * (128 + completion_len) * len(timed) / sum(timed), peak
+    return setup.batch * (prompt_len + completion_len) * len(timed) / sum(timed), peak
 
 
 STEPS = {"sft": sft_step, "dpo": dpo_step, "grpo": grpo_step}
-
-
-def max_seq_len(
-    step, library, model_dir, device_type, start: int, limit: int, deadline=None
-) -> tuple[int | None, bool]:
-    """The longest sequence (doubling from `start`, up to `limit`) with which one training step fits in memory, and
-    whether the search finished (False: the deadline stopped it, the length is a lower bound)."""
-    best = None
-    length = start
-    while length <= limit:
-        if past(deadline):
-            return best, False
-        try:
-            step(library, model_dir, length, 1, 0, device_type)
-        except torch.cuda.OutOfMemoryError:
-            _free()
-            break
-        best = length
-        length *= 2
-    return best, True
 
 
 def _prefix(library: str) -> str:
@@ -230,38 +242,27 @@ def _measure(step, library, model_dir, seq_len, steps, warmup, device_type) -> d
 
 def run_trainers(device, recorder: Recorder, smoke: bool = False, deadline=None) -> None:
     """Trainer rows into `recorder` (kind "trainer", one record per measurement; report.merged_trainer_rows joins
-    them): tokens/s and peak MB for posttrain and TRL, every trainer first, then (on a GPU) the longest DPO / GRPO
-    sequence that fits, until `deadline`."""
+    them): tokens/s and peak MB for posttrain and TRL, until `deadline`."""
     if not importable("trl"):
         recorder.note("trainers: skipped, trl is not installed (pip install 'posttrain[dev]')")
         return
     device_type = torch.device(device).type
-    config, dtype = (tiny_qwen2_config().to_dict(), torch.float32) if smoke else (QWEN2_05B, torch.bfloat16)
-    config = {k: v for k, v in config.items() if k in QWEN2_05B}
+    config, dtype = model_config(smoke)
     seq = {"sft": 2048, "dpo": 1024, "grpo": 1024} if not smoke else {"sft": 64, "dpo": 32, "grpo": 16}
     steps, warmup = (2, 0) if smoke else (6, 2)
     with tempfile.TemporaryDirectory() as root:
-        model_dir = _model_dir(config, dtype, root)
-        model_name = "tiny-qwen2 (smoke)" if smoke else "Qwen2-0.5B-shaped, random, bf16"
+        path = save_model(config, dtype, root)
+        model_name = model_label(smoke)
         for name, step in STEPS.items():
             row = {"kind": "trainer", "trainer": name, "model": model_name, "seq_len": seq[name]}
             for library in LIBRARIES:
                 if past(deadline):
                     recorder.note(f"trainers: deadline reached before {name} with {library}")
                     return
-                row.update(_measure(step, library, model_dir, seq[name], steps, warmup, device_type))
+                row.update(_measure(step, library, path, seq[name], steps, warmup, device_type))
                 recorder.record(dict(row))
                 tokens_per_s, peak = row[f"{_prefix(library)}tokens_per_s"], row[f"{_prefix(library)}peak_mb"]
                 recorder.log(f"[trainers] {name:<5} {library:<10} {_fmt(tokens_per_s)} tokens/s, peak {_fmt(peak)} MB")
-        if device_type != "cuda" or smoke:
-            return
-        for name in ("dpo", "grpo"):
-            for library in LIBRARIES:
-                best, finished = max_seq_len(STEPS[name], library, model_dir, device_type, 2048, 131072, deadline)
-                recorder.record({"kind": "trainer", "trainer": name, f"{_prefix(library)}max_seq_len": best})
-                if not finished:
-                    recorder.note(f"trainers: deadline cut {name}'s max_seq_len search with {library} at >= {best}")
-                    return
 
 
 def _fmt(value) -> str:

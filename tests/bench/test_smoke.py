@@ -1,6 +1,8 @@
 """`python -m benchmarks --smoke` must keep working: it runs every op's CPU-capable providers and writes every file.
 
 Run as the user runs it (a subprocess from the repository root), which also keeps benchmarks/ off the test's path.
+Of the three fused_linear_divergence entries (the same code with another beta) only the JSD runs here, to keep CI
+short; test_units.py runs all three providers of each in process.
 """
 
 import csv
@@ -15,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ("fused_linear_logprob", "selective_log_softmax", "dpo_loss", "grpo_advantages", "grpo_loss")
 LOSS_OPS = ("fused_linear_loss_sft", "fused_linear_loss_grpo")
+DIVERGENCE_OP = "fused_linear_divergence_jsd"
 pytestmark = pytest.mark.skipif(not (ROOT / "benchmarks").is_dir(), reason="needs a posttrain checkout")
 
 
@@ -30,11 +33,12 @@ def _csv(path):
 
 
 def test_smoke_run_writes_every_output(tmp_path):
-    result = _bench("--smoke", "--mode", "forward", "full", "--out", str(tmp_path))
+    ops = (*OPS, *LOSS_OPS, DIVERGENCE_OP)
+    result = _bench("--smoke", "--mode", "forward", "full", "--op", *ops, "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     rows = _csv(tmp_path / "results.csv")
-    for op in OPS + LOSS_OPS:
-        for provider in ("posttrain", "torch"):
+    for op in ops:
+        for provider in ("posttrain", "torch") + ("trl",) * (op == DIVERGENCE_OP):
             mine = [r for r in rows if r["op"] == op and r["provider"] == provider]
             modes = {"forward"} if op == "grpo_advantages" else {"full"} if op in LOSS_OPS else {"forward", "full"}
             assert {r["mode"] for r in mine} >= modes, (op, provider)
@@ -48,8 +52,12 @@ def test_smoke_run_writes_every_output(tmp_path):
     assert entry["ms"] > 0 and entry["torch_ms"] > 0 and entry["gemm_floor_ms"] > 0
     assert {e["loss"] for e in summary["fused_linear_loss"]} == {"sft", "grpo"}
     assert all(e["ms"] > 0 and e["trl_ms"] > 0 and e["gemm_floor_ms"] > 0 for e in summary["fused_linear_loss"])
+    (divergence,) = summary["fused_linear_divergence"]
+    assert divergence["divergence"] == "jsd" and (divergence["N"], divergence["Hs"], divergence["Ht"]) == (37, 32, 48)
+    assert divergence["ms"] > 0 and divergence["trl_ms"] > 0 and divergence["gemm_floor_ms"] > 0
     report = (tmp_path / "report.md").read_text()
-    assert all(f"## {op}" in report for op in OPS + LOSS_OPS)
+    assert all(f"## {op}" in report for op in ops)
+    assert f"- {DIVERGENCE_OP}: liger: dropped, does not run on cpu" in report
     assert "- fused_linear_logprob: torch_compile: dropped, does not run on cpu" in report  # notes reach the report
     assert (tmp_path / "report.png").stat().st_size > 0
 
