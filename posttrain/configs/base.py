@@ -1,6 +1,7 @@
 """What every posttrain config shares: TRL's TrainingArguments defaults, plus posttrain's own switch."""
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -15,6 +16,8 @@ class PosttrainConfig(TrainingArguments):
     """TrainingArguments with the defaults every TRL 1.16 trainer config sets, and `use_fused_kernels`.
 
     Parameters:
+        model_init_kwargs: keyword arguments for from_pretrained when the trainer's model is given as a string.
+        trust_remote_code: allow models and tokenizers that ship their own Python code.
         logging_steps: 10 (TRL's default, where transformers has 500).
         gradient_checkpointing: True.
         bf16: True unless fp16 is set.
@@ -24,6 +27,15 @@ class PosttrainConfig(TrainingArguments):
             through the full logits (False). Both give the same numbers.
     """
 
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for from_pretrained when the trainer's model is a hub id or a path."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow models and tokenizers that ship their own Python code."}
+    )
     logging_steps: float = field(
         default=10,
         metadata={"help": "Log every X update steps: an integer, or a float in [0, 1) as a fraction of the run."},

@@ -3,7 +3,6 @@
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 from posttrain.ops.dpo_loss import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCE_TYPES, LOSS_TYPES, check_label_smoothing
 
@@ -41,18 +40,10 @@ class DPOConfig(PosttrainConfig):
         ['sigmoid', 'sft']
     """
 
-    _VALID_DICT_FIELDS = PosttrainConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
-
+    
     learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
 
     # Model
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments for from_pretrained when the trainer's model is a hub id or a path."},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow models and tokenizers that ship their own Python code."}
-    )
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata={"help": "Weight of the MoE load-balancing loss (None: the model config's; 0.0: off)."},

@@ -3,7 +3,6 @@
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 from posttrain.ops.grpo_advantages import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
 from posttrain.ops.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
@@ -76,19 +75,12 @@ class GRPOConfig(PosttrainConfig):
     """
 
     _VALID_DICT_FIELDS = PosttrainConfig._VALID_DICT_FIELDS + [
-        "model_init_kwargs", "transformers_continuous_batching_config", "generation_kwargs", "chat_template_kwargs",
+        "transformers_continuous_batching_config", "generation_kwargs", "chat_template_kwargs",
     ]  # fmt: skip
 
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
 
     # Model and reference model
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments for from_pretrained when `model` is a string (dtype, device_map, ...)."},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow models and tokenizers with custom code (policy and reward models)."}
-    )
     router_aux_loss_coef: float | None = field(
         default=None, metadata={"help": "Weight of the MoE load-balancing loss (None: the model config's; 0.0: off)."}
     )

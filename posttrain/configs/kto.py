@@ -2,7 +2,6 @@
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 from posttrain.losses.kto import ESTIMATES_KL, LOSS_TYPES, check_loss_type
 
@@ -38,8 +37,7 @@ class KTOConfig(PosttrainConfig):
         'sequential'
     """
 
-    _VALID_DICT_FIELDS = PosttrainConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
-
+    
     learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
     train_sampling_strategy: str = field(
         default="sequential",
@@ -52,13 +50,6 @@ class KTOConfig(PosttrainConfig):
     )
 
     # Model
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments for from_pretrained when the trainer's model is a hub id or a path."},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow models and tokenizers that ship their own Python code."}
-    )
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata={"help": "Weight of the MoE load-balancing loss (None: the model config's; 0.0: off)."},

@@ -3,7 +3,6 @@
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 from .base import PosttrainConfig
 from .sft import _resolve_pad_to_multiple_of
@@ -38,21 +37,10 @@ class RewardConfig(PosttrainConfig):
         (0.0001, 1024)
     """
 
-    _VALID_DICT_FIELDS = PosttrainConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
-
+    
     learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate for AdamW."})
 
     # Model
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Keyword arguments for AutoModelForSequenceClassification.from_pretrained when the trainer's "
-            "model is a hub id or a path (its revision also loads the tokenizer)."
-        },
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow models and tokenizers that ship their own Python code."}
-    )
     chat_template_path: str | None = field(
         default=None,
         metadata={"help": "A .jinja/.j2 chat template file, or a tokenizer whose chat template is cloned."},

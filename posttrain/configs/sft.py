@@ -50,18 +50,10 @@ class SFTConfig(PosttrainConfig):
         ('bfd', False, None)
     """
 
-    _VALID_DICT_FIELDS = PosttrainConfig._VALID_DICT_FIELDS + ["model_init_kwargs", "dataset_kwargs"]
+    _VALID_DICT_FIELDS = PosttrainConfig._VALID_DICT_FIELDS + ["dataset_kwargs"]
 
     learning_rate: float = field(default=2e-5, metadata={"help": "The initial learning rate for AdamW."})
 
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments for `from_pretrained`, used when `model` is given as a string."},
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Allow models that ship custom code (forwarded to `from_pretrained`)."},
-    )
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata={"help": "Weight of the MoE load-balancing loss (None: the model config's; 0.0: off)."},
