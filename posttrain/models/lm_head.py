@@ -1,7 +1,14 @@
 """The fused log-prob head: `model(..., logprob_labels=labels)` returns per-token log-probs instead of logits.
 
-The head runs inside the model's own forward (the patched `model.forward`), so DDP, FSDP2 and PEFT wrappers see a
-normal forward call: DDP's gradient hooks arm, FSDP2 unshards the head's parameters, PEFT's adapters apply.
+The head runs inside the model's own forward (the patched `model.forward`), so DDP, FSDP2, DeepSpeed and PEFT wrappers
+see a normal forward call: DDP's gradient hooks arm, FSDP2 unshards the head's parameters (a DTensor still sharded
+is read with full_tensor()), PEFT's adapters apply. The head's weight is read without calling lm_head, so under
+DeepSpeed ZeRO-3 it is gathered around the head (`sharding.gathered`) unless it is whole already. Inside the engine's
+forward (training) DeepSpeed gathers it on access and registers it as an external parameter of the model: the
+model's backward hooks gather it again (for a head whose backward reads it) and its gradient, computed in the
+forward by HeadLoss or in the backward, reaches the parameter itself, which DeepSpeed reduces as any other. A call of
+the bare module outside the engine (the policy's old or reference log-probs, without gradient) finds it partitioned:
+the head gathers it for the call.
 """
 
 import functools
@@ -16,9 +23,10 @@ from transformers.utils import ModelOutput
 
 from posttrain._compat import module_load_balancing_loss
 from posttrain.models.offloading import no_activation_offloading
+from posttrain.models.sharding import full_tensor, gathered
 from posttrain.ops import fused_linear_logprob, fused_linear_loss, selective_log_softmax
-from posttrain.ops.fused_linear_loss import DEFAULT_CHUNK_BYTES, LossChunk, row_chunks
 from posttrain.ops.fused_linear_logprob import STATS, requested_stats
+from posttrain.ops.fused_linear_loss import DEFAULT_CHUNK_BYTES, LossChunk, row_chunks
 
 
 @dataclass
@@ -79,21 +87,6 @@ def logit_scale(config) -> float | None:
         return float(value) if rule[1] else 1.0 / float(value)
     unknown = [name for name in _SCALING_ATTRIBUTES if getattr(config, name, None) not in (None, 1, 1.0)]
     return None if unknown else 1.0
-
-
-def _check_not_zero3():
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        raise NotImplementedError(
-            "use_fused_kernels=True does not support DeepSpeed ZeRO-3 yet (the head's weight is partitioned outside its "
-            "module); use ZeRO-2, FSDP2, or set use_fused_kernels=False"
-        )
-
-
-def _full(param):
-    # FSDP2 shards parameters as DTensors; gathering through full_tensor() keeps the gradient's reduce-scatter
-    return param.full_tensor() if param is not None and hasattr(param, "full_tensor") else param
 
 
 def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -291,14 +284,14 @@ def _patched_forward(model_class, config, is_moe, load_balancing_loss, effective
             out = _plain_outputs(full.logits[:, :-1], labels, head.temperature, head.entropy, head.stats)
             out.aux_loss = getattr(full, "aux_loss", None)
             return out if head_loss is None else _with_plain_loss(out, head_loss)
-        _check_not_zero3()
         backbone = self.base_model(*args, **kwargs)
         hidden = backbone.last_hidden_state[:, :-1]
         outputs = _fused_outputs if head_loss is None else functools.partial(_fused_loss_outputs, head_loss=head_loss)
         # what the head saves for backward (its input, or the loss's dH and dW) is needed first: offloading it saves
         # nothing and would copy the gathered head weight out and back every step
-        with no_activation_offloading():
-            out = outputs(hidden, self.get_output_embeddings(), labels, effective_temperature, head.entropy, head.stats)
+        lm_head = self.get_output_embeddings()
+        with no_activation_offloading(), gathered(lm_head.weight, lm_head.bias):
+            out = outputs(hidden, lm_head, labels, effective_temperature, head.entropy, head.stats)
         if is_moe and kwargs.get("output_router_logits"):
             attention_mask = signature.bind(self, *args, **kwargs).arguments.get("attention_mask")
             out.aux_loss = load_balancing_loss(backbone.router_logits, attention_mask)
@@ -349,7 +342,7 @@ def _fused_outputs(hidden, head, labels, temperature, entropy, stats) -> TokenLo
     hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
     mask = labels != -100
     result = fused_linear_logprob(
-        hidden[mask], _full(head.weight), labels[mask], bias=_full(head.bias), temperature=temperature,
+        hidden[mask], full_tensor(head.weight), labels[mask], bias=full_tensor(head.bias), temperature=temperature,
         return_entropy=entropy, return_stats=stats,
     )  # fmt: skip
     if stats:
@@ -374,7 +367,7 @@ def _fused_loss_outputs(hidden, head, labels, temperature, entropy, stats, head_
         max_rows = max(1, DEFAULT_CHUNK_BYTES // (head.weight.shape[0] * flat_hidden.element_size()))
         chunks = row_chunks(head_loss.groups.to(mask.device)[mask], max_rows)
     result = fused_linear_loss(
-        flat_hidden, _full(head.weight), labels[mask], head_loss.loss_fn, chunks=chunks, bias=_full(head.bias),
+        flat_hidden, full_tensor(head.weight), labels[mask], head_loss.loss_fn, chunks=chunks, bias=full_tensor(head.bias),
         temperature=temperature, with_entropy=entropy, stats=requested_stats(stats),
     )  # fmt: skip
     out = TokenLogprobOutput(loss=result.loss, label_mask=mask)

@@ -27,7 +27,12 @@ from posttrain.rewards.registry import resolve_reward_func
 from posttrain.rewards.scoring import reward_func_name, reward_model_scores, score_completions
 
 from .base import PosttrainTrainer, no_grad_without_checkpointing, router_aux_loss_setup
-from .generation import TransformersGeneration, VLLMColocateGeneration
+from .generation import Completions, create_generation, importance_sampling_ratio, sampling_mismatch_stats
+
+
+def _to_device(batches: list[dict], device) -> list[dict]:
+    return [{key: value.to(device) if torch.is_tensor(value) else value for key, value in b.items()} for b in batches]
+
 
 def _completion_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int) -> torch.Tensor:
     """Labels for the completion tokens alone (the last completion_width columns, where the mask is on)."""
@@ -37,6 +42,13 @@ def _completion_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, co
 
 
 ENTROPY_STATE_FILE = "entropy_ctrl_state.json"
+BUFFER_FILE = "grpo_generation_batch_{}.pt"  # one per process
+
+
+def _nan_reduce(values: torch.Tensor, reduce) -> float:
+    """reduce() over the non-NaN values (NaN if there are none), as TRL's nanmin / nanmax."""
+    kept = values[~torch.isnan(values)]
+    return reduce(kept).item() if kept.numel() > 0 else math.nan
 
 
 def _keep_examples(batch: list[dict]) -> list[dict]:
@@ -46,26 +58,16 @@ def _keep_examples(batch: list[dict]) -> list[dict]:
 
 # (field, is it set away from what posttrain supports, why it is not supported)
 _UNSUPPORTED = (
-    ("use_transformers_continuous_batching", lambda a: a.use_transformers_continuous_batching,
-     "generation uses model.generate; continuous batching is not wired in"),
     ("cast_lm_head_to_fp32", lambda a: a.cast_lm_head_to_fp32,
      "keeping (and training) the LM head in float32 is not implemented; the fused kernel accumulates in float32"),
     ("log_completions_hub_repo", lambda a: a.log_completions_hub_repo is not None,
      "completions are written to output_dir/completions only"),
-    ("vllm_mode", lambda a: a.use_vllm and a.vllm_mode == "server", "only vllm_mode='colocate' is implemented"),
-    ("vllm_tensor_parallel_size", lambda a: a.use_vllm and a.vllm_tensor_parallel_size != 1,
-     "the colocated engine runs with tensor_parallel_size=1"),
-    ("vllm_enable_sleep_mode", lambda a: a.use_vllm and a.vllm_enable_sleep_mode, "sleep mode is not implemented"),
-    ("vllm_structured_outputs_regex", lambda a: a.use_vllm and a.vllm_structured_outputs_regex is not None,
-     "structured outputs are not implemented"),
-    ("vllm_importance_sampling_correction", lambda a: a.use_vllm and a.vllm_importance_sampling_correction,
-     ("the colocated engine does not return its sampling log-probs, which the importance ratio needs; set "
-      "vllm_importance_sampling_correction=False to sample with vLLM uncorrected")),
 )  # fmt: skip
 
 
 def _check_supported(args: GRPOConfig, **trainer_args) -> None:
-    if args.use_vllm and importlib.util.find_spec("vllm") is None:
+    # the server mode's client needs vLLM only for NCCL weight transfer, checked when the server says so
+    if args.use_vllm and args.vllm_mode == "colocate" and importlib.util.find_spec("vllm") is None:
         raise ImportError("use_vllm=True but vllm is not installed: pip install 'posttrain[vllm]'")
     for name, value in trainer_args.items():
         if value:
@@ -77,10 +79,6 @@ def _check_supported(args: GRPOConfig, **trainer_args) -> None:
             raise NotImplementedError(
                 f"{name}={getattr(args, name)!r} is not supported by posttrain's GRPOTrainer: {reason}"
             )
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        raise NotImplementedError("DeepSpeed ZeRO-3 is not supported by posttrain's GRPOTrainer; use ZeRO-2 or FSDP2")
     if args.max_tool_calling_iterations is not None:
         warnings.warn(f"max_tool_calling_iterations={args.max_tool_calling_iterations} has no effect without tools",
                       stacklevel=3)  # fmt: skip
@@ -104,8 +102,9 @@ def _warn_loss_setup(args: GRPOConfig) -> None:
 class GRPOTrainer(PosttrainTrainer):
     """Group Relative Policy Optimization, a drop-in for TRL 1.16's `GRPOTrainer`.
 
-    For each prompt, `num_generations` completions are sampled (transformers' `generate`, or a colocated vLLM engine);
-    every reward function scores them; advantages are the rewards normalized within each prompt's group
+    For each prompt, `num_generations` completions are sampled (`posttrain.trainers.generation`: transformers'
+    `generate` or continuous batching, a vLLM engine in each process or a vLLM server, as TRL 1.16 runs them); every
+    reward function scores them; advantages are the rewards normalized within each prompt's group
     (`posttrain.ops.grpo_advantages`); the policy is trained on the clipped importance-weighted objective
     (`posttrain.ops.grpo_loss`). Log-probs (at GRPO's temperature) and entropies come from the fused LM-head kernel:
     no [batch, length, vocab] logits in the training step or in the old / reference log-prob passes. With
@@ -127,9 +126,15 @@ class GRPOTrainer(PosttrainTrainer):
         peft_config: wraps the model with an adapter; with beta != 0 the reference is the model with adapters off.
         tools, rollout_func, environment_factory: accepted for signature compatibility; not supported (error if set).
 
-    Not supported (NotImplementedError when set): vLLM importance-sampling correction / server
-    mode / tensor parallelism / sleep mode, continuous batching, cast_lm_head_to_fp32, vision-language processors,
-    IterableDataset, DeepSpeed ZeRO-3.
+    When the sampler reports its log-probs (vLLM; transformers with args.transformers_sampling_logprobs), the policy
+    term is weighted by TRL's importance-sampling correction of the sampler / trainer mismatch
+    (vllm_importance_sampling_correction, _mode, _clip_min, _clip_max), and the off-policy mask compares with the
+    sampler's log-probs. Around generate the policy is gathered under DeepSpeed ZeRO-3 (ds3_gather_for_generation) and
+    FSDP1 (summon_full_params); the vLLM weight sync gathers one parameter at a time (ZeRO-3's GatheredParameters,
+    FSDP2's full_tensor(), FSDP1 unit by unit), PEFT adapters merged in.
+
+    Not supported (NotImplementedError when set): cast_lm_head_to_fp32, log_completions_hub_repo, vision-language
+    processors, IterableDataset.
 
     For a Mixture-of-Experts policy, router_aux_loss_coef (None: the architecture's own) times its load-balancing loss
     on the micro-batch is added to the loss (scaled for gradient accumulation), as TRL.
@@ -138,7 +143,8 @@ class GRPOTrainer(PosttrainTrainer):
     entropy, clip_ratio/low_mean, /low_min, /high_mean, /high_max, /region_mean (cispo: cispo_clip_ratio),
     completions/mean_length, /min_length, /max_length, /clipped_ratio, /mean_terminated_length,
     /min_terminated_length, /max_terminated_length, num_tokens, step_time, policy_loss / entropy_coef with an
-    entropy bonus, and aux_loss (MoE with a nonzero coefficient).
+    entropy bonus, aux_loss (MoE with a nonzero coefficient), and with the sampling correction
+    sampling/sampling_logp_difference/mean and /max, sampling/importance_sampling_ratio/min, /mean and /max.
 
     Example:
         >>> from posttrain import GRPOTrainer
@@ -149,6 +155,7 @@ class GRPOTrainer(PosttrainTrainer):
 
     config_class = GRPOConfig
     trainer_suffix = "GRPO"
+    resumable_attributes = ("_step",)
     tokenizer_kwargs = {"padding_side": "left", "truncation_side": "left"}  # noqa: RUF012  (read-only)
     loss_is_scaled_for_ga = True
     _tag_names: ClassVar[list[str]] = ["posttrain", "grpo"]
@@ -219,12 +226,7 @@ class GRPOTrainer(PosttrainTrainer):
         self._pending_metrics = defaultdict(list)
 
         set_seed(args.seed, device_specific=True)  # processes must not sample identical completions
-        self._generation = TransformersGeneration(args, self._tokenizer, self.eos_token_ids)
-        self._vllm = None
-        if args.use_vllm:
-            if is_peft_model(self.model):
-                raise NotImplementedError("use_vllm=True with a PEFT model is not supported by posttrain's GRPOTrainer")
-            self._vllm = VLLMColocateGeneration(self.accelerator.unwrap_model(self.model), args, self.accelerator)
+        self._generation = create_generation(self.model, args, self._tokenizer, self.eos_token_ids, self.accelerator)
         self.model.add_model_tags(self._tag_names)
         self._prepare_reward_models()
         if args.log_completions:
@@ -395,7 +397,8 @@ class GRPOTrainer(PosttrainTrainer):
         mode = "train" if self.model.training else "eval"
         prompts = [example["prompt"] for example in inputs]
         prompt_ids_list = tokenize_prompts(self.processing_class, prompts, self.args.chat_template_kwargs)
-        completion_ids_list = self._sample(prompt_ids_list)
+        sampled = self._sample(prompt_ids_list, mode)
+        completion_ids_list = sampled.ids
         completions = self._decode(prompts, completion_ids_list)
         is_truncated = self._log_lengths(mode, prompt_ids_list, completion_ids_list)
 
@@ -410,7 +413,12 @@ class GRPOTrainer(PosttrainTrainer):
             "completion_mask": completion_mask,
             "num_items_in_batch": self.accelerator.gather(completion_mask.sum()).sum(),
         }
+        sampling_logps = sampled.padded_logprobs(self.args.pad_to_multiple_of, self.accelerator.device)
+        if sampling_logps is not None:
+            batch["sampling_per_token_logps"] = sampling_logps
         batch.update(self._reference_logprobs(batch, mode))
+        if self._corrects_sampling(sampled):
+            batch["importance_sampling_ratio"] = self._importance_sampling_ratio(batch, mode)
 
         rewards = self._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         advantages = self._advantages(rewards, mode)
@@ -421,12 +429,34 @@ class GRPOTrainer(PosttrainTrainer):
         self._record_completions(prompts, completions, rewards, advantages, mode)
         return batch
 
-    def _sample(self, prompt_ids: list[list[int]]) -> list[list[int]]:
-        model = self.accelerator.unwrap_model(self.model_wrapped)
-        if self._vllm is not None:
-            self._vllm.sync_weights(model, self.state.global_step)
-            return self._vllm.generate(prompt_ids)
-        return self._generation.generate(model, prompt_ids, self.accelerator.device)
+    def _sample(self, prompt_ids: list[list[int]], mode: str) -> Completions:
+        """One completion per prompt (each prompt comes num_generations times in a row), with the sampler's log-probs
+        when it reports them. An engine with its own weights (vLLM) first gets the policy's, once per optimizer step."""
+        self._generation.sync_weights(self.model, self.state.global_step)
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        return self._generation.generate(self.model_wrapped, prompt_ids, num_generations)
+
+    def _corrects_sampling(self, sampled: Completions) -> bool:
+        return self.args.vllm_importance_sampling_correction and sampled.logprobs is not None
+
+    def _importance_sampling_ratio(self, batch: dict, mode: str) -> torch.Tensor:
+        """TRL's importance-sampling correction of the sampler / trainer mismatch ([B, T] or [B, 1]), and its
+        sampling/* metrics."""
+        args, old, sampling = self.args, batch["old_per_token_logps"], batch["sampling_per_token_logps"]
+        mask = batch["completion_mask"]
+        ratio = importance_sampling_ratio(
+            old, sampling, mask, mode=args.vllm_importance_sampling_mode,
+            clip_min=args.vllm_importance_sampling_clip_min, clip_max=args.vllm_importance_sampling_clip_max,
+        )  # fmt: skip
+        stats = sampling_mismatch_stats(old, sampling, mask, ratio, mode=args.vllm_importance_sampling_mode)
+        gathered = {name: self.accelerator.gather(value[None]) for name, value in stats.items()}
+        metrics = self._metrics[mode]
+        metrics["sampling/sampling_logp_difference/mean"].append(gathered["mean_delta"].mean().item())
+        metrics["sampling/sampling_logp_difference/max"].append(gathered["max_delta"].max().item())
+        metrics["sampling/importance_sampling_ratio/min"].append(_nan_reduce(gathered["ratio_min"], torch.min))
+        metrics["sampling/importance_sampling_ratio/mean"].append(gathered["ratio_mean"].nanmean().item())
+        metrics["sampling/importance_sampling_ratio/max"].append(_nan_reduce(gathered["ratio_max"], torch.max))
+        return ratio
 
     def _decode(self, prompts: list, completion_ids: list[list[int]]) -> list:
         texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
@@ -493,8 +523,11 @@ class GRPOTrainer(PosttrainTrainer):
         out = {}
         unwrapped = self.accelerator.unwrap_model(self.model)
         with no_grad_without_checkpointing(unwrapped, self.args.gradient_checkpointing_kwargs):
-            # Unless generation happens exactly at optimizer-step boundaries, the policy has moved since sampling
-            if self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations) != 0:
+            # Unless generation happens exactly at optimizer-step boundaries, the policy has moved since sampling; the
+            # sampling correction compares the sampler with the trainer at sampling time
+            generate_every = self.args.steps_per_generation * self.num_iterations
+            misaligned = self.args.gradient_accumulation_steps % generate_every != 0
+            if misaligned or (self.args.vllm_importance_sampling_correction and "sampling_per_token_logps" in batch):
                 out["old_per_token_logps"] = self._token_logprobs(self.model, *args, batch_size=batch_size)
             if self.beta != 0.0:
                 if self.ref_model is not None:
@@ -716,12 +749,19 @@ class GRPOTrainer(PosttrainTrainer):
 
     def save_extra_state(self, folder: str) -> None:
         super().save_extra_state(folder)
-        if self._entropy_control is not None:
+        # the generation batch still in use (num_iterations > 1, or steps_per_generation beyond the accumulation)
+        buffered = _to_device(self._buffered_inputs, "cpu") if self._buffered_inputs is not None else None
+        torch.save(buffered, os.path.join(folder, BUFFER_FILE.format(self.accelerator.process_index)))
+        if self._entropy_control is not None and self.args.should_save:
             with open(os.path.join(folder, ENTROPY_STATE_FILE), "w") as f:
                 json.dump(self._entropy_control.state_dict(), f)
 
     def load_extra_state(self, checkpoint: str) -> None:
         super().load_extra_state(checkpoint)
+        path = os.path.join(checkpoint, BUFFER_FILE.format(self.accelerator.process_index))
+        if os.path.exists(path):
+            buffered = torch.load(path, weights_only=True)
+            self._buffered_inputs = _to_device(buffered, self.accelerator.device) if buffered is not None else None
         path = os.path.join(checkpoint, ENTROPY_STATE_FILE)
         if self._entropy_control is not None and os.path.exists(path):
             with open(path) as f:
@@ -780,6 +820,7 @@ class _LossTerms:
             vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
             vespo_lambda_neg=args.vespo_lambda_neg, use_bias_correction_kl=args.use_bias_correction_kl,
             policy_weights=weights, return_metrics=return_metrics, impl=trainer._ops_impl,
+            importance_sampling_ratio=None if (r := inputs.get("importance_sampling_ratio")) is None else r[sequences],
         )  # fmt: skip
 
     def of_sequences(self, sequences, logps, entropies, entropy_mask=None) -> torch.Tensor:
