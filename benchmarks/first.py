@@ -2,13 +2,16 @@
 
     python -m benchmarks.first PHASE --out DIR [--deadline EPOCH_S] [--smoke]
 
-verify    posttrain and torch at bf16, each against an fp32 reference, at the headline shapes
-headline  the ceilings and cuBLAS GEMM floors, then fused_linear_logprob (posttrain, TRL's head, Liger, torch) and the
-          fused linear loss rows (SFT NLL, GRPO) at both headline shapes, torch.compile last (its compiles are slow)
-tiles     one row per candidate tile of the LM-head kernels, each pinned in turn (with POSTTRAIN_AUTOTUNE=1: tiles.py)
-trainers  SFT, DPO and GRPO steps against TRL: tokens/s and peak memory
-memory    the longest sequence that trains one step, per trainer and variant (benchmarks/memory.py), until the deadline
-report    report.md, summary.json, results.csv and report.png from DIR/first.jsonl (and DIR/tests.log); prints report.md
+verify      posttrain and torch at bf16, each against an fp32 reference, at the headline shapes
+headline    the ceilings and cuBLAS GEMM floors, then fused_linear_logprob (posttrain, TRL's head, Liger, torch) and the
+            fused linear loss rows (SFT NLL, GRPO) at both headline shapes, torch.compile last (its compiles are slow)
+tiles       one row per candidate tile of the LM-head kernels, each pinned in turn (with POSTTRAIN_AUTOTUNE=1: tiles.py)
+trainers    SFT, DPO, GRPO, KTO and Reward steps against TRL: tokens/s and peak memory
+memory      the longest sequence that trains one step, per trainer and variant (benchmarks/memory.py), until the
+            deadline
+generation  the sampling backends' generated tokens/s and peak memory (benchmarks/generation.py)
+report      report.md, summary.json, results.csv and report.png from DIR/first.jsonl (and DIR/tests.log); prints
+            report.md
 
 Every row is appended to DIR/first.jsonl and flushed as it is measured. A phase stops starting measurements once its
 deadline (--deadline, else $BENCH_DEADLINE) has passed; --smoke runs tiny shapes in fp32 on the CPU.
@@ -24,7 +27,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-PHASES = ("verify", "headline", "tiles", "trainers", "memory", "report")
+PHASES = ("verify", "headline", "tiles", "trainers", "memory", "generation", "report")
 # The memory phase's smoke run: the cheapest search that still fills max_seq_len and trl_max_seq_len
 SMOKE_MEMORY = {"trainers": ("dpo",), "variants": ("trl", "posttrain")}
 JSONL = "first.jsonl"
@@ -87,6 +90,10 @@ def run_phase(phase: str, out: Path, smoke: bool, deadline) -> None:
 
         stop_on_sigterm()  # its workers are killed and its unfinished searches recorded as cut
         run_memory(recorder, smoke, deadline, **(SMOKE_MEMORY if smoke else {}))
+    elif phase == "generation":
+        from benchmarks.generation import run_generation
+
+        run_generation(recorder, smoke, deadline)
 
 
 def report(out: Path) -> None:

@@ -4,6 +4,8 @@
 #   benchmarks/gpu_check.sh OUT first [--smoke]   the first GPU run, phase by phase, each under its own deadline
 #   benchmarks/gpu_check.sh OUT memory [ARGS]     the longest-sequence table alone (python -m benchmarks.memory ARGS:
 #                                                 --smoke, --trainer, --variant), for a dedicated call
+#   benchmarks/gpu_check.sh OUT generation [ARGS] the sampling backends' tokens/s alone (python -m
+#                                                 benchmarks.generation ARGS: --smoke, --provider), for a dedicated call
 #   benchmarks/gpu_check.sh OUT ops               the whole op sweep (python -m benchmarks), for a follow-up call
 #
 # first: (a) tests     a chosen subset of the gpu-marked tests (the bf16 kernel cases), capped at 170 s
@@ -12,19 +14,22 @@
 #                      Liger, torch and torch.compile at the two headline shapes
 #        (d) tiles     each candidate tile of the LM-head kernels pinned and timed in turn (POSTTRAIN_AUTOTUNE=1 gives
 #                      the candidates: benchmarks/tiles.py)
-#        (e) trainers  SFT / DPO / GRPO steps against TRL: tokens/s, peak memory
+#        (e) trainers  SFT / DPO / GRPO / KTO / Reward steps against TRL: tokens/s, peak memory
 #        (f) memory    if time is left: the longest sequence that trains one step, per trainer and variant, most
 #                      wanted first (benchmarks/memory.py), until the deadline
+#        (g) generation  only if the memory phase ends before the deadline (it does not take time from the phases
+#                      before it): the sampling backends' generated tokens/s (benchmarks/generation.py)
 #        then report.md, summary.json, results.csv and report.png from OUT/first.jsonl, where every phase appends
 #        each row as it is measured. A phase ends at min(its cap, the global deadline less what the later phases
 #        are guaranteed): a slow phase cannot eat the others' time. FIRST_BUDGET_S (default 540) is the whole
 #        script's wall time. Output files (8): nvidia_smi.txt tests.log run.log first.jsonl report.md summary.json
 #        results.csv report.png.
 # --smoke: the same script on the CPU (tiny fp32 shapes, Triton's interpreter; the gpu tests are collected and skipped).
-# memory: FIRST_BUDGET_S is its wall time too; files (6): nvidia_smi.txt run.log memory.jsonl report.md summary.json
-#        results.csv.
+# memory, generation: FIRST_BUDGET_S is their wall time too; files (6): nvidia_smi.txt run.log memory.jsonl (or
+#        generation.jsonl) report.md summary.json results.csv.
 set -uo pipefail
-usage="usage: benchmarks/gpu_check.sh OUT_DIR {first [--smoke] | memory [--smoke] [--trainer ...] [--variant ...] | ops}"
+usage="usage: benchmarks/gpu_check.sh OUT_DIR {first [--smoke] | memory [--smoke] [--trainer ...] [--variant ...] |
+  generation [--smoke] [--provider ...] | ops}"
 [[ $# -ge 1 ]] || { echo "$usage" >&2; exit 2; }
 mkdir -p "$1" && out=$(cd "$1" && pwd)
 what=${2:-first}
@@ -101,16 +106,17 @@ case $what in
     POSTTRAIN_AUTOTUNE=1 run_phase tiles 60 60 "$log" "${first[@]}" tiles --out "$out"
     run_phase trainers 100000 20 "$log" "${first[@]}" trainers --out "$out"
     run_phase memory 100000 20 "$log" "${first[@]}" memory --out "$out"
+    run_phase generation 100000 20 "$log" "${first[@]}" generation --out "$out"
     "${clocks[@]}" >> "$out/nvidia_smi.txt" 2>&1  # the clocks again, after the load
     timeout -k 5 60 "${first[@]}" report --out "$out" 2>> "$log"
     echo "# $(($(date +%s) - start)) s in all; files under $out: $(cd "$out" && ls | tr '\n' ' ')"
     ;;
-  memory)
+  memory | generation)
     : > "$log"
     clocks=(nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv)
     { nvidia-smi && "${clocks[@]}"; } > "$out/nvidia_smi.txt" 2>&1
-    # the search stops starting probes 15 s before the end, so its report is written in time
-    BENCH_DEADLINE=$((end - 15)) timeout -k 5 $((end - start)) "$python" -m benchmarks.memory --out "$out" \
+    # no new probe or run starts 15 s before the end, so the report is written in time
+    BENCH_DEADLINE=$((end - 15)) timeout -k 5 $((end - start)) "$python" -m "benchmarks.$what" --out "$out" \
       ${extra[@]+"${extra[@]}"} >> "$log" 2>&1
     rc=$?
     cat "$out/report.md"

@@ -38,7 +38,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 from benchmarks.providers import importable
-from benchmarks.sink import Recorder, past, stop_on_sigterm
+from benchmarks.sink import Recorder, past
 
 # Lines of a worker's stdout that carry a probe's result (the trainers print other things)
 ROW_MARK = "@@probe "
@@ -414,21 +414,15 @@ def main(argv=None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke to exercise the search here", file=sys.stderr)
         return 2
-    from benchmarks.environment import record_environment
-    from benchmarks.report import write_all
+    from benchmarks.report import run_and_report
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / JSONL).unlink(missing_ok=True)
-    recorder = Recorder(args.out / JSONL, phase="memory")
-    stop_on_sigterm()
-    try:
-        record_environment(recorder, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        default = SMOKE_BOUNDS if args.smoke else GPU_BOUNDS
-        bounds = dataclasses.replace(default, start=args.start or default.start, limit=args.limit or default.limit)
+    default = SMOKE_BOUNDS if args.smoke else GPU_BOUNDS
+    bounds = dataclasses.replace(default, start=args.start or default.start, limit=args.limit or default.limit)
+
+    def body(recorder):
         run_memory(recorder, args.smoke, args.deadline, args.trainer, args.variant, bounds)
-    finally:
-        write_all(args.out, recorder.rows)
-        print((args.out / "report.md").read_text())
+
+    run_and_report(args.out, JSONL, "memory", body)
     return 0
 
 

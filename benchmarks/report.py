@@ -248,6 +248,36 @@ def _trainer_table(trainer_rows: list[dict]) -> list[str]:
     return ["", "## Trainer steps (posttrain vs TRL 1.16)", ""] + _table(header, cells)
 
 
+GENERATION_NOTE = (
+    "Generated tokens (each completion up to its EOS) per second of one generate call of the whole workload, the"
+    " device synchronized at both ends: median of the timed runs after a warm-up. Peak MB: allocated through PyTorch"
+    " during the timed runs, the model's weights and the engine's KV cache included."
+)
+
+
+def generation_entries(rows: list[dict]) -> list[dict]:
+    """summary.json's `generation` section: one entry per provider, as its row was recorded."""
+    return [{k: v for k, v in r.items() if k not in ("kind", "phase")} for r in by_kind(rows)["generation"]]
+
+
+def _generation_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    first = rows[0]
+    workload = (f"{first['prompts']} prompts x {first['generations']} generations, {first['prompt_len']}-token"
+                f" prompts, at most {first['max_completion_length']} new tokens; {first.get('model', '')}")  # fmt: skip
+    base = next((r.get("tokens_per_s") for r in rows if r["provider"] == "transformers"), None)
+    header = ["provider", "tokens/s", "vs transformers", "s per timed run", "tokens per run", "peak MB", "error"]
+    cells = []
+    for r in rows:
+        rate = r.get("tokens_per_s")
+        cells.append([r["provider"], _fmt(rate, 0), f"{rate / base:.2f}x" if rate and base else "",
+                      ", ".join(f"{s:.2f}" for s in r.get("seconds", [])),
+                      ", ".join(str(n) for n in r.get("generated_tokens", [])), _fmt(r.get("peak_mb"), 0),
+                      r.get("error", "")[:100]])  # fmt: skip
+    return ["", "## Generation", "", workload, "", GENERATION_NOTE, ""] + _table(header, cells)
+
+
 def _phase_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
@@ -287,6 +317,7 @@ def markdown(rows: list[dict], tests_log: str | None = None) -> str:
     lines += _tile_table(kinds["tile"])
     lines += _trainer_table(merged_trainer_rows(rows))
     lines += _max_seq_table(kinds["max_seq"])
+    lines += _generation_table(kinds["generation"])
     return "\n".join(lines) + "\n"
 
 
@@ -298,7 +329,8 @@ def _shape_fields(row: dict) -> dict:
 def summary(rows: list[dict]) -> dict:
     """summary.json: forward+backward of the LM-head ops per shape (fused_linear_logprob; fused_linear_loss, one entry
     per loss; fused_linear_divergence, one per divergence), each provider's median ms, p20/p80 and peak MB (prefixed
-    by the provider, bare for posttrain), the GEMM floor; the verify rows, the trainer rows and the notes."""
+    by the provider, bare for posttrain), the GEMM floor; the verify rows, the trainer rows, the longest-sequence
+    results, the generation rows and the notes."""
     floors = floors_of(rows)
     sections = {section: {} for section, _, _ in SUMMARY_OPS.values()}
     for row in by_kind(rows)["op"]:
@@ -324,6 +356,7 @@ def summary(rows: list[dict]) -> dict:
         "verify": [{k: v for k, v in r.items() if k not in ("kind", "phase")} for r in by_kind(rows)["verify"]],
         "trainers": merged_trainer_rows(rows),
         "max_seq": [{k: v for k, v in r.items() if k not in ("kind", "phase")} for r in by_kind(rows)["max_seq"]],
+        "generation": generation_entries(rows),
         "notes": list(dict.fromkeys(row["text"] for row in by_kind(rows)["note"])),
     }
 
@@ -364,6 +397,27 @@ def plot(op_rows: list[dict], path: Path) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def run_and_report(out: Path, jsonl: str, phase: str, body) -> None:
+    """A standalone run (python -m benchmarks.memory, benchmarks.generation): out/jsonl started afresh, the environment
+    row, then body(recorder) streaming its rows there; whatever happens (a deadline's SIGTERM included), the report
+    files are written from what was recorded and report.md is printed."""
+    import torch
+
+    from benchmarks.environment import record_environment
+    from benchmarks.sink import Recorder, stop_on_sigterm
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / jsonl).unlink(missing_ok=True)
+    recorder = Recorder(out / jsonl, phase=phase)
+    stop_on_sigterm()
+    try:
+        record_environment(recorder, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        body(recorder)
+    finally:
+        write_all(out, recorder.rows)
+        print((out / "report.md").read_text())
 
 
 def write_all(out: Path, rows: list[dict], tests_log: Path | None = None) -> None:

@@ -1,7 +1,8 @@
 """Rows as they are measured: every row is appended to a JSONL file and flushed at once, so a run that is killed (a
 device call's time limit) keeps everything measured before the kill.
 
-Each row is a dict with a "kind": env, ceiling, op, floor, verify, tile, trainer, note or phase (report.py reads them).
+Each row is a dict with a "kind": env, ceiling, op, floor, verify, tile, trainer, probe, max_seq, generation, note or
+phase (report.py reads them).
 """
 
 import json

@@ -1,8 +1,11 @@
-"""Trainer-step rows: SFT, DPO and GRPO training tokens/s and peak memory, posttrain against TRL 1.16 on the same
-random Qwen2-0.5B-shaped model and data (the longest sequence each fits: benchmarks/memory.py).
+"""Trainer-step rows: SFT, DPO, GRPO, KTO and Reward training tokens/s and peak memory, posttrain against TRL 1.16 on
+the same random Qwen2-0.5B-shaped model and data (the longest sequence each fits: benchmarks/memory.py).
 
 SFT: packed 2048-token rows, 8 per step. DPO: 8 pairs of 1024-token sequences. GRPO: one prompt's 8 generations of
 1024 completion tokens, the training step only (generation excluded: a prepared batch goes straight to the loss).
+KTO: 8 unpaired 1024-token examples, half desirable (loss "kto": each step also runs the policy without gradient and
+the reference on the 8 mismatched prompt-completion sequences of the KL estimate; tokens/s counts the 8 examples
+only). Reward: 8 pairs of 1024-token sequences through the sequence classifier (the checkpoint with a new score head).
 A Setup changes the batch and adds config fields or trainer arguments (the memory search's variants).
 """
 
@@ -49,20 +52,20 @@ class _StepTimer(TrainerCallback):
         self.times, self._start = [], None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        _sync()
+        sync_device()
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        _sync()
+        sync_device()
         self.times.append(time.perf_counter() - self._start)
 
 
-def _sync():
+def sync_device():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def _free():
+def free_memory():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -112,6 +115,15 @@ def _dpo_data(seq_len: int, pairs: int) -> Dataset:
     return Dataset.from_list([{c: _random_text(half, 3 * i + j) for j, c in enumerate(columns)} for i in range(pairs)])
 
 
+def _kto_data(seq_len: int, examples: int) -> Dataset:
+    # unpaired examples, desirable and undesirable in turn (the balance KTO's default weights assume)
+    half = seq_len // 2 - 1
+    return Dataset.from_list([
+        {"prompt": _random_text(half, 2 * i), "completion": _random_text(half, 2 * i + 1), "label": i % 2 == 0}
+        for i in range(examples)
+    ])  # fmt: skip
+
+
 def _common_args(output_dir: str, steps: int, device_type: str, batch: int = 8, **extra):
     return dict(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-6,
@@ -130,22 +142,22 @@ def _train_tokens_per_s(trainer_cls, config_cls, model_dir, data, tokens_per_ste
             warnings.simplefilter("ignore")
             trainer = trainer_cls(model=model_dir, args=args, train_dataset=data, callbacks=[timer],
                                   **setup.trainer_kwargs)  # fmt: skip
-            _reset_peak()
+            reset_peak()
             trainer.train()
-        peak = _peak_mb()
+        peak = peak_allocated_mb()
     del trainer
-    _free()
+    free_memory()
     timed = timer.times[warmup:] or timer.times
     return tokens_per_step * len(timed) / sum(timed), peak
 
 
-def _reset_peak():
-    _sync()
+def reset_peak():
+    sync_device()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
 
-def _peak_mb():
+def peak_allocated_mb():
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
@@ -163,6 +175,24 @@ def dpo_step(library, model_dir, seq_len, steps, warmup, device_type, setup=DEFA
     module = importlib.import_module(library)
     return _train_tokens_per_s(
         module.DPOTrainer, module.DPOConfig, model_dir, _dpo_data(seq_len, setup.batch * steps),
+        2 * setup.batch * seq_len, steps, warmup, device_type, setup, max_length=seq_len,
+    )  # fmt: skip
+
+
+def kto_step(library, model_dir, seq_len, steps, warmup, device_type, setup=DEFAULT_SETUP):
+    module = importlib.import_module(library)
+    return _train_tokens_per_s(
+        module.KTOTrainer, module.KTOConfig, model_dir, _kto_data(seq_len, setup.batch * steps),
+        setup.batch * seq_len, steps, warmup, device_type, setup, max_length=seq_len,
+    )  # fmt: skip
+
+
+def reward_step(library, model_dir, seq_len, steps, warmup, device_type, setup=DEFAULT_SETUP):
+    """A reward model's step: prompt + chosen and prompt + rejected (seq_len - 1 tokens each with the EOS appended,
+    under max_length, which drops longer pairs rather than truncating them)."""
+    module = importlib.import_module(library)
+    return _train_tokens_per_s(
+        module.RewardTrainer, module.RewardConfig, model_dir, _dpo_data(seq_len, setup.batch * steps),
         2 * setup.batch * seq_len, steps, warmup, device_type, setup, max_length=seq_len,
     )  # fmt: skip
 
@@ -201,26 +231,28 @@ def grpo_step(library, model_dir, completion_len, steps, warmup, device_type, se
         model = trainer.model
         model.train()
         batch = _grpo_batch(prompt_len, completion_len, setup.batch, trainer.accelerator.device)
-        _reset_peak()
+        reset_peak()
         times = []
         for _ in range(steps):
-            _sync()
+            sync_device()
             start = time.perf_counter()
             with trainer.compute_loss_context_manager():
                 loss = trainer.compute_loss(model, batch)
             trainer.accelerator.backward(loss)
             trainer.optimizer.step()
             trainer.optimizer.zero_grad()
-            _sync()
+            sync_device()
             times.append(time.perf_counter() - start)
-        peak = _peak_mb()
+        peak = peak_allocated_mb()
     del trainer, model
-    _free()
+    free_memory()
     timed = times[warmup:] or times
     return setup.batch * (prompt_len + completion_len) * len(timed) / sum(timed), peak
 
 
-STEPS = {"sft": sft_step, "dpo": dpo_step, "grpo": grpo_step}
+STEPS = {"sft": sft_step, "dpo": dpo_step, "grpo": grpo_step, "kto": kto_step, "reward": reward_step}
+SEQ_LEN = {"sft": 2048, "dpo": 1024, "grpo": 1024, "kto": 1024, "reward": 1024}
+SMOKE_SEQ_LEN = {"sft": 64, "dpo": 32, "grpo": 16, "kto": 32, "reward": 32}
 
 
 def _prefix(library: str) -> str:
@@ -236,19 +268,19 @@ def _measure(step, library, model_dir, seq_len, steps, warmup, device_type) -> d
         error = "out of memory"
     except Exception as err:  # one broken trainer must not sink the others' rows
         error = f"{type(err).__name__}: {err}"[:300]
-    _free()
+    free_memory()
     return {f"{prefix}tokens_per_s": None, f"{prefix}peak_mb": None, f"{prefix}error": error}
 
 
 def run_trainers(device, recorder: Recorder, smoke: bool = False, deadline=None) -> None:
     """Trainer rows into `recorder` (kind "trainer", one record per measurement; report.merged_trainer_rows joins
-    them): tokens/s and peak MB for posttrain and TRL, until `deadline`."""
+    them): tokens/s and peak MB for posttrain and TRL, trainer by trainer in STEPS' order, until `deadline`."""
     if not importable("trl"):
         recorder.note("trainers: skipped, trl is not installed (pip install 'posttrain[dev]')")
         return
     device_type = torch.device(device).type
     config, dtype = model_config(smoke)
-    seq = {"sft": 2048, "dpo": 1024, "grpo": 1024} if not smoke else {"sft": 64, "dpo": 32, "grpo": 16}
+    seq = SMOKE_SEQ_LEN if smoke else SEQ_LEN
     steps, warmup = (2, 0) if smoke else (6, 2)
     with tempfile.TemporaryDirectory() as root:
         path = save_model(config, dtype, root)

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FILES = {"nvidia_smi.txt", "tests.log", "run.log", "first.jsonl", "report.md", "summary.json", "results.csv",
          "report.png"}  # fmt: skip
-PHASES = ["tests", "verify", "headline", "tiles", "trainers", "memory"]
+PHASES = ["tests", "verify", "headline", "tiles", "trainers", "memory", "generation"]
 pytestmark = pytest.mark.skipif(not (ROOT / "benchmarks").is_dir(), reason="needs a posttrain checkout")
 
 
@@ -49,13 +49,19 @@ def test_first_run_smoke_end_to_end(tmp_path):
     assert any(r["kind"] == "note" and r["phase"] == "tiles" for r in rows)  # the interpreter has one tile
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["fused_linear_logprob"][0]["trl_ms"] > 0 and summary["verify"]
-    assert [r["trainer"] for r in summary["trainers"]] == ["sft", "dpo", "grpo"]
+    assert [r["trainer"] for r in summary["trainers"]] == ["sft", "dpo", "grpo", "kto", "reward"]
+    assert all(r["tokens_per_s"] > 0 and r["trl_tokens_per_s"] > 0 for r in summary["trainers"]), summary["trainers"]
     dpo = summary["trainers"][1]  # the memory phase's smoke search: DPO with TRL and posttrain, lengths 16 to 32
     assert dpo["tokens_per_s"] > 0 and dpo["max_seq_len"] == dpo["trl_max_seq_len"] == 32
     assert [(r["variant"], r["status"]) for r in summary["max_seq"]] == [("trl", "at the limit"),
                                                                          ("posttrain", "at the limit")]  # fmt: skip
+    # the memory phase's smoke search ends early, which leaves the generation phase its time
+    assert [r["provider"] for r in summary["generation"]] == ["transformers", "transformers_logprobs",
+                                                              "continuous_batching"]  # fmt: skip
+    assert all(r["tokens_per_s"] > 0 and r["runs"] == 3 for r in summary["generation"]), summary["generation"]
     report = (tmp_path / "report.md").read_text()
-    sections = ("Notes", "Phases", "GPU tests", "Verify", "fused_linear_logprob", "Trainer", "Longest sequence")
+    sections = ("Notes", "Phases", "GPU tests", "Verify", "fused_linear_logprob", "Trainer", "Longest sequence",
+                "Generation")  # fmt: skip
     for section in (f"## {name}" for name in sections):
         assert section in report
     assert "## Phases" in result.stdout  # the report is printed: it ends up in the device call's output

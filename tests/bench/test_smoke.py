@@ -76,7 +76,7 @@ def test_trainer_rows_in_smoke_mode(tmp_path):
     result = _bench("--smoke", "--op", "dpo_loss", "--mode", "forward", "--trainers", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "summary.json").read_text())["trainers"]
-    assert [r["trainer"] for r in rows] == ["sft", "dpo", "grpo"]
+    assert [r["trainer"] for r in rows] == ["sft", "dpo", "grpo", "kto", "reward"]
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["trl_tokens_per_s"] > 0, row
     assert "## Trainer steps" in (tmp_path / "report.md").read_text()
