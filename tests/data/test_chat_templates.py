@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trl
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
 from posttrain.data.chat_templates import (
     KNOWN_TEMPLATES,
@@ -241,7 +242,10 @@ def test_same_tokens_as_trl_and_its_mask_less_the_template_glue(family, tiny_mod
     for lib in (trl, posttrain):
         args = lib.SFTConfig(output_dir=str(tmp_path / lib.__name__), assistant_only_loss=True, bf16=False,
                              report_to="none")  # fmt: skip
-        trainer = lib.SFTTrainer(tiny_model_dir, args=args, train_dataset=dataset, processing_class=_tokenizer(family))
+        tokenizer = _tokenizer(family)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model.resize_token_embeddings(len(tokenizer))  # the family's special tokens are new to the tiny model
+        trainer = lib.SFTTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
         prepared[lib.__name__] = trainer.train_dataset.to_list()
     tokenizer = _tokenizer(family)
     for ours, theirs in zip(prepared["posttrain"], prepared["trl"], strict=True):
