@@ -3,12 +3,11 @@
 The head runs inside the model's own forward (the patched `model.forward`), so DDP, FSDP2, DeepSpeed and PEFT wrappers
 see a normal forward call: DDP's gradient hooks arm, FSDP2 unshards the head's parameters (a DTensor still sharded
 is read with full_tensor()), PEFT's adapters apply. The head's weight is read without calling lm_head, so under
-DeepSpeed ZeRO-3 it is gathered around the head (`sharding.gathered`) unless it is whole already. Inside the engine's
-forward (training) DeepSpeed gathers it on access and registers it as an external parameter of the model: the
-model's backward hooks gather it again (for a head whose backward reads it) and its gradient, computed in the
-forward by HeadLoss or in the backward, reaches the parameter itself, which DeepSpeed reduces as any other. A call of
-the bare module outside the engine (the policy's old or reference log-probs, without gradient) finds it partitioned:
-the head gathers it for the call.
+DeepSpeed ZeRO-3 it is gathered around the head (`sharding.gathered`) unless it is whole already. DeepSpeed 0.19
+itself gathers a parameter read during a forward it hooks and registers it as an external parameter of the model:
+the model's backward hooks gather it again (for a head whose backward reads it), and its gradient, computed in the
+forward by HeadLoss or in the backward, reaches the parameter itself, which DeepSpeed reduces as any other. Where
+DeepSpeed does not discover it (a forward outside its hooks' discovery), the head's own gather serves the call.
 """
 
 import functools
@@ -24,7 +23,7 @@ from transformers.utils import ModelOutput
 from posttrain._compat import module_load_balancing_loss
 from posttrain.models.offloading import no_activation_offloading
 from posttrain.models.sharding import full_tensor, gathered
-from posttrain.ops import fused_linear_logprob, fused_linear_loss, selective_log_softmax
+from posttrain.ops import fused_linear_divergence, fused_linear_logprob, fused_linear_loss, selective_log_softmax
 from posttrain.ops.fused_linear_logprob import STATS, requested_stats
 from posttrain.ops.fused_linear_loss import DEFAULT_CHUNK_BYTES, LossChunk, row_chunks
 
@@ -40,7 +39,8 @@ class TokenLogprobOutput(ModelOutput):
     own forward returns it) when router logits are requested from an MoE model, else None.
 
     With a `head_loss`, `loss` is its value (differentiable: the gradient flows through it alone) and the per-token
-    fields carry no gradient.
+    fields carry no gradient. With a `head_divergence`, `loss` is the divergence summed over the label positions and
+    `entropy` the model's entropy at the divergence's temperature (no gradient); the other fields are None.
     """
 
     logprobs: torch.Tensor | None = None
@@ -114,6 +114,32 @@ class HeadLoss:
 
     loss_fn: Callable
     groups: torch.Tensor | None = None
+
+
+@dataclass
+class HeadDivergence:
+    """A divergence from a teacher's next-token distributions that the patched forward computes on the model's last
+    hidden states: `model(..., logprob_labels=labels, head_divergence=HeadDivergence(...))` runs
+    `fused_linear_divergence` (reduction "sum") at the label positions (labels[:, 1:] != -100), inside the model's
+    forward so that DDP, FSDP and PEFT see a normal call; the gradient reaches the model only.
+
+    teacher_hidden: [B, T - 1, Ht], the teacher's last hidden states aligned with labels[:, 1:] (Ht may differ).
+    teacher_head: the teacher's LM head (a Linear over the model's vocabulary).
+    beta, temperature: as fused_linear_divergence's.
+    student_scale, teacher_scale: the factor each model's forward multiplies its logits by (`logit_scale`).
+
+    Example:
+        >>> out = model(input_ids=ids, attention_mask=mask, logprob_labels=labels,
+        ...             head_divergence=HeadDivergence(teacher_hidden, teacher.lm_head, beta=0.5))
+        >>> (out.loss / (labels[:, 1:] != -100).sum()).backward()
+    """
+
+    teacher_hidden: torch.Tensor
+    teacher_head: torch.nn.Module
+    beta: float
+    temperature: float = 1.0
+    student_scale: float = 1.0
+    teacher_scale: float = 1.0
 
 
 class LabelLayout:
@@ -269,7 +295,7 @@ def _patched_forward(model_class, config, is_moe, load_balancing_loss, effective
     signature = inspect.signature(model_class.forward)
 
     @functools.wraps(model_class.forward)  # generate validates its kwargs against the original signature
-    def forward(self, *args, logprob_labels=None, head_loss=None, **kwargs):
+    def forward(self, *args, logprob_labels=None, head_loss=None, head_divergence=None, **kwargs):
         # read from the model, not closed over: a deep copy of the model runs on its own modules
         head = fused_head_of(self)
         original = head.previous_forward or functools.partial(model_class.forward, self)
@@ -279,6 +305,11 @@ def _patched_forward(model_class, config, is_moe, load_balancing_loss, effective
         if getattr(config, "output_router_logits", False):  # read per call: trainers set it after patching
             kwargs.setdefault("output_router_logits", True)
         labels = logprob_labels[:, 1:]
+        if head_divergence is not None:
+            hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+            heads = (self.get_output_embeddings(), head_divergence.teacher_head)
+            with no_activation_offloading(), gathered(*(p for h in heads for p in (h.weight, h.bias))):
+                return _divergence_outputs(hidden, *heads, labels, head_divergence, "auto" if head.fused else "torch")
         if not head.fused:
             full = original(*args, **kwargs)
             out = _plain_outputs(full.logits[:, :-1], labels, head.temperature, head.entropy, head.stats)
@@ -298,6 +329,13 @@ def _patched_forward(model_class, config, is_moe, load_balancing_loss, effective
         return out
 
     return forward
+
+
+def divergence_unsupported(model) -> str | None:
+    """Why a head divergence cannot reproduce `model`'s own logits from its last hidden states (soft-capped logits,
+    an unknown rescaling, an LM head that is not a plain linear layer), or None."""
+    config = model.config.get_text_config()
+    return _needs_full_logits(model, config, False, logit_scale(config) is None)
 
 
 def _needs_full_logits(model, config, unknown_load_balancing: bool, unknown_scaling: bool) -> str | None:
@@ -376,6 +414,24 @@ def _fused_loss_outputs(hidden, head, labels, temperature, entropy, stats, head_
         if values is not None:
             setattr(out, name, _scatter(mask, values))
     return out
+
+
+def _divergence_outputs(hidden, head, teacher_head, labels, divergence: HeadDivergence, impl) -> TokenLogprobOutput:
+    hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
+    mask = labels != -100
+    s_scale, t_scale = divergence.student_scale, divergence.teacher_scale
+    # a forward that multiplies its logits by s gives s (h W^T + b) = (s h) W^T + s b: scale the inputs, not the op
+    result = fused_linear_divergence(
+        _times(hidden[mask], s_scale), full_tensor(head.weight),
+        _times(divergence.teacher_hidden.to(hidden.device)[mask], t_scale), full_tensor(teacher_head.weight), None,
+        beta=divergence.beta, temperature=divergence.temperature, student_bias=_times(full_tensor(head.bias), s_scale),
+        teacher_bias=_times(full_tensor(teacher_head.bias), t_scale), reduction="sum", impl=impl,
+    )  # fmt: skip
+    return TokenLogprobOutput(loss=result.loss, entropy=_scatter(mask, result.entropy), label_mask=mask)
+
+
+def _times(tensor: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    return tensor if tensor is None or scale == 1.0 else tensor * scale
 
 
 def _with_plain_loss(out: TokenLogprobOutput, head_loss: HeadLoss) -> TokenLogprobOutput:

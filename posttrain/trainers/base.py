@@ -51,6 +51,14 @@ from posttrain.models.loading import (
     trainer_model_kwargs,
 )
 from posttrain.models.offloading import ActivationOffloading
+from posttrain.models.sharding import (
+    full_state_dict,
+    full_tensor,
+    gathered,
+    is_zero3_param,
+    load_full_state_dict,
+    prepare_for_inference,
+)
 from posttrain.models.tiled_mlp import apply_tiled_mlp
 
 logger = logging.get_logger(__name__)
@@ -173,8 +181,15 @@ class PosttrainTrainer(Trainer):
             return model
         _check_peft_head(model)
         if _zero3(args) and args.gradient_checkpointing:
-            # PEFT under ZeRO-3 needs reentrant checkpointing (as TRL 1.16 sets it)
-            args.gradient_checkpointing_kwargs = {**(args.gradient_checkpointing_kwargs or {}), "use_reentrant": True}
+            # PEFT under ZeRO-3 needs reentrant checkpointing (as TRL 1.16 sets it; huggingface/trl#2514)
+            kwargs = args.gradient_checkpointing_kwargs or {}
+            if kwargs.get("use_reentrant") is False:
+                warnings.warn(
+                    "gradient_checkpointing_kwargs={'use_reentrant': False} is replaced by True: PEFT under DeepSpeed "
+                    "ZeRO-3 needs reentrant checkpointing",
+                    stacklevel=3,
+                )
+            args.gradient_checkpointing_kwargs = {**kwargs, "use_reentrant": True}
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         if _is_quantized(model):
@@ -228,6 +243,8 @@ class PosttrainTrainer(Trainer):
             kwargs.setdefault("dtype", self.policy_lm.dtype)
             kwargs.setdefault("attn_implementation", self.policy_lm.config._attn_implementation)
             reference = create_model(source, kwargs)
+        elif any(is_zero3_param(param) for param in self.policy_lm.parameters()):
+            reference = _zero3_copy(self.policy_lm)
         else:
             reference = copy.deepcopy(self.policy_lm)
             head = fused_head_of(reference)
@@ -238,18 +255,34 @@ class PosttrainTrainer(Trainer):
         return reference
 
     def prepare_reference_model(self, reference, args, **head_options):
-        """The reference model ready for training: fused head, dropout as configured, placed by accelerate in
-        evaluation mode, and (args.sync_ref_model) mixed towards the policy every ref_model_sync_steps."""
+        """The reference model ready for training: fused head, dropout as configured, placed for inference under the
+        accelerator's engine (`prepare_for_inference`: a DeepSpeed engine, partitioned under ZeRO-3; sharded under
+        FSDP), and (args.sync_ref_model) mixed towards the policy every ref_model_sync_steps."""
         self.install_fused_head(reference, args, **head_options)
         if getattr(args, "disable_dropout", False):
             disable_dropout(reference)
-        reference = self.accelerator.prepare_model(reference, evaluation_mode=True)
+        reference = prepare_for_inference(reference, self.accelerator)
         if getattr(args, "sync_ref_model", False):
-            plugin = self.accelerator.state.deepspeed_plugin
-            if plugin is not None and plugin.zero_stage == 3:
-                raise NotImplementedError("sync_ref_model=True is not supported with DeepSpeed ZeRO-3 yet")
             self.add_callback(SyncRefModelCallback(reference, self.accelerator))
         return reference
+
+    @contextlib.contextmanager
+    def reference_pass_model(self):
+        """The model to compute reference log-probs with: the reference model, else the policy itself. Before
+        training, DeepSpeed has not placed the policy yet (under ZeRO-3 its weights are partitioned with no hooks to
+        gather them), so it is lent to an inference engine (`prepare_for_inference`) for the block, whose hooks are
+        taken off after."""
+        reference = getattr(self, "ref_model", None)
+        if reference is not None:
+            yield reference
+        elif self.is_deepspeed_enabled and self.model_wrapped is self.model:
+            engine = prepare_for_inference(self.model, self.accelerator)
+            try:
+                yield engine
+            finally:
+                engine.destroy()
+        else:
+            yield self.model
 
     # ---- what a checkpoint holds beyond Trainer's: the mixed reference model ----
 
@@ -267,15 +300,18 @@ class PosttrainTrainer(Trainer):
         """Write what resuming from `folder` needs beyond Trainer's own files (on every process: per-process state
         goes in files of its own). Subclasses extend it; base: the `resumable_attributes` and the mixed reference."""
         os.makedirs(folder, exist_ok=True)
+        reference = getattr(self, "ref_model", None)
+        synced = getattr(self.args, "sync_ref_model", False) and reference is not None
+        # gathered on every process (ZeRO-3 partitions, FSDP shards), written by the main one
+        reference_state = full_state_dict(self.accelerator.unwrap_model(reference)) if synced else None
         if not self.args.should_save:
             return
         with open(os.path.join(folder, TRAINER_STATE_FILE), "w") as f:
             json.dump({name: getattr(self, name) for name in self.resumable_attributes}, f)
-        reference = getattr(self, "ref_model", None)
-        if getattr(self.args, "sync_ref_model", False) and reference is not None:
-            from safetensors.torch import save_model
+        if reference_state is not None:
+            from safetensors.torch import save_file
 
-            save_model(self.accelerator.unwrap_model(reference), os.path.join(folder, REF_MODEL_FILE))
+            save_file(reference_state, os.path.join(folder, REF_MODEL_FILE))
 
     def load_extra_state(self, checkpoint: str) -> None:
         """Read back what save_extra_state wrote. Subclasses extend it."""
@@ -287,9 +323,9 @@ class PosttrainTrainer(Trainer):
         path = os.path.join(checkpoint, REF_MODEL_FILE)
         reference = getattr(self, "ref_model", None)
         if reference is not None and os.path.exists(path):
-            from safetensors.torch import load_model
+            from safetensors.torch import load_file
 
-            load_model(self.accelerator.unwrap_model(reference), path, device=str(self.accelerator.device))
+            load_full_state_dict(self.accelerator.unwrap_model(reference), load_file(path))
 
 
 class SyncRefModelCallback(TrainerCallback):
@@ -303,9 +339,14 @@ class SyncRefModelCallback(TrainerCallback):
     @staticmethod
     @torch.no_grad()
     def mix(policy: torch.nn.Module, ref_model: torch.nn.Module, alpha: float) -> None:
-        """ref_model's parameters <- alpha * policy's + (1 - alpha) * ref_model's, in place, in ref_model's dtype."""
+        """ref_model's parameters <- alpha * policy's + (1 - alpha) * ref_model's, in place, in ref_model's dtype.
+
+        Under ZeRO-3 each pair is gathered in turn and every rank computes the same mix (rank 0's is kept); FSDP2
+        shards mix shard by shard (a policy shard whose reference is whole is gathered first)."""
         for ref_param, param in zip(ref_model.parameters(), policy.parameters(), strict=True):
-            ref_param.mul_(1.0 - alpha).add_(param.to(ref_param.dtype), alpha=alpha)
+            with gathered(param), gathered(ref_param, modifier_rank=0):
+                source = param if hasattr(ref_param, "full_tensor") else full_tensor(param)
+                ref_param.mul_(1.0 - alpha).add_(source.to(ref_param.dtype), alpha=alpha)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % args.ref_model_sync_steps == 0:
@@ -442,6 +483,19 @@ def _check_peft_head(model) -> None:
 
 def _is_quantized(model) -> bool:
     return getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+
+
+def _zero3_copy(policy: PreTrainedModel) -> PreTrainedModel:
+    """A copy of a causal LM whose parameters ZeRO-3 partitions (a deep copy would carry DeepSpeed's per-parameter
+    state along): built again from its config, partitioned as it is built (its random initialization leaves the
+    generators' states as they were), then filled from the policy one parameter at a time."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        reference = AutoModelForCausalLM.from_config(
+            policy.config, dtype=policy.dtype, attn_implementation=policy.config._attn_implementation
+        )
+    SyncRefModelCallback.mix(policy, reference, alpha=1.0)
+    return reference
 
 
 def _zero3(args) -> bool:

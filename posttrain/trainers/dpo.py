@@ -6,18 +6,15 @@ and argmax flags without [batch, seq, vocab] logits. Everything after it works o
 per-token values ([2B, T'], one row per sequence), whichever the layout.
 """
 
-import contextlib
 import functools
 import warnings
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from torch.utils.data import DataLoader
 from transformers import TrainerCallback, set_seed
 from transformers.utils import logging
 
-from posttrain._compat import checkpointing_disabled
 from posttrain.configs.dpo import DPOConfig
 from posttrain.data.dpo import (
     REF_COLUMNS,
@@ -32,7 +29,8 @@ from posttrain.models.attention import use_padding_free_attention
 from posttrain.models.lm_head import HeadLoss, LabelLayout, packed_layout
 from posttrain.ops.dpo_loss import LOSS_SEMANTICS
 
-from .base import PosttrainTrainer, check_train_dataset, router_aux_loss_setup
+from .base import check_train_dataset, router_aux_loss_setup
+from .preference import ReferenceTrainer, add_reference_adapter
 
 logger = logging.get_logger(__name__)
 
@@ -40,7 +38,7 @@ logger = logging.get_logger(__name__)
 NON_MODEL_KEYS = {"completion_mask", "sequence_lengths", *REF_COLUMNS}
 
 
-class DPOTrainer(PosttrainTrainer):
+class DPOTrainer(ReferenceTrainer):
     """Direct Preference Optimization, as TRL 1.16's `DPOTrainer` (same arguments, data formats, losses and metrics).
 
     Args:
@@ -77,6 +75,7 @@ class DPOTrainer(PosttrainTrainer):
 
     config_class = DPOConfig
     trainer_suffix = "DPO"
+    reference_columns = REF_COLUMNS
     resumable_attributes = ("_total_train_tokens",)
     loss_is_scaled_for_ga = False
 
@@ -107,7 +106,7 @@ class DPOTrainer(PosttrainTrainer):
         processing_class = self.load_processing_class(model, processing_class, args)
         _check_text_only(train_dataset)
         if peft_config is None and is_peft_model(model) and ref_model is None:
-            _add_reference_adapter(model)
+            add_reference_adapter(model)
         model = self.wrap_peft(model, peft_config, args)
         self.padding_free = args.padding_free
         if self.padding_free:
@@ -123,8 +122,8 @@ class DPOTrainer(PosttrainTrainer):
         self.precompute_ref_logps = args.precompute_ref_log_probs
 
         self._vocab_size = model.get_input_embeddings().num_embeddings
-        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
-        eval_dataset = self._prepare_eval_datasets(eval_dataset, processing_class, args)
+        train_dataset = self.prepare_dataset(train_dataset, processing_class, args, "train")
+        eval_dataset = self.prepare_eval_datasets(eval_dataset, processing_class, args)
 
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -139,16 +138,16 @@ class DPOTrainer(PosttrainTrainer):
         parallelism = self.accelerator.parallelism_config
         # Tensor-parallel ranks see the same batch: a token count gathered over all ranks repeats each tp_size times
         self._tp_size = parallelism.tp_size if parallelism is not None else 1
-        self.ref_model = self._build_ref_model(ref_model, model_source, args, quantization_config)
+        self.ref_model = self.build_reference_model(ref_model, model_source, args, quantization_config)
         if self.precompute_ref_logps:
-            self._precompute_all()
+            self.precompute_reference()
             if ref_model is None:
                 self.ref_model = None  # under FSDP one was built for the precomputation only
 
     # ----------------------------------------------------------------------------------------------------------------
     # Set-up
 
-    def _prepare_dataset(self, dataset, processing_class, args: DPOConfig, dataset_name: str):
+    def prepare_dataset(self, dataset, processing_class, args: DPOConfig, dataset_name: str):
         with args.main_process_first(desc=f"preparing the {dataset_name} dataset"):
             prepared = prepare_preference_dataset(
                 dataset, processing_class, max_length=args.max_length, truncation_mode=args.truncation_mode,
@@ -156,103 +155,24 @@ class DPOTrainer(PosttrainTrainer):
             )  # fmt: skip
         return check_token_ids(prepared, self._vocab_size, dataset_name, TOKENIZED_COLUMNS)
 
-    def _prepare_eval_datasets(self, eval_dataset, processing_class, args: DPOConfig):
-        if eval_dataset is None:
-            return None
-        if isinstance(eval_dataset, dict):
-            return {
-                name: self._prepare_dataset(dataset, processing_class, args, name)
-                for name, dataset in eval_dataset.items()
-            }
-        return self._prepare_dataset(eval_dataset, processing_class, args, "eval")
-
-    def _build_ref_model(self, ref_model, model_source, args: DPOConfig, quantization_config):
-        """The given reference, or a frozen copy of the initial policy; None when the reference log-probs come from
-        the policy itself (its adapter disabled, for PEFT) or are precomputed (except under FSDP, which needs a
-        separate model for the precomputation)."""
-        if ref_model is None:
-            if is_peft_model(self.model) or (self.precompute_ref_logps and not self.is_fsdp_enabled):
-                if args.sync_ref_model and is_peft_model(self.model):
-                    raise NotImplementedError(
-                        "sync_ref_model=True with a PEFT model is not supported: the reference is the model with its "
-                        "adapter disabled, so there is no separate reference model to mix into"
-                    )
-                return None
-            ref_model = self.create_reference_model(model_source, args, quantization_config)
+    def configure_reference(self, reference) -> None:
         if self.padding_free:
-            use_padding_free_attention(ref_model)
-        return self.prepare_reference_model(ref_model, args)
+            use_padding_free_attention(reference)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = [*TOKENIZED_COLUMNS, *REF_COLUMNS]
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Reference log-probs computed before training
-
-    def _precompute_all(self) -> None:
-        args = self.args
-        self.train_dataset = self._precompute_ref_logps(
-            self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size
-        )
-        if self.eval_dataset is not None:
-            self.eval_dataset = self._precompute_eval(self.eval_dataset)
-
-    def _precompute_eval(self, eval_dataset):
-        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-        if isinstance(eval_dataset, dict):
-            return {name: self._precompute_ref_logps(ds, name, batch_size) for name, ds in eval_dataset.items()}
-        return self._precompute_ref_logps(eval_dataset, "eval", batch_size)
-
-    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
-        if not isinstance(dataset, Dataset):
-            raise TypeError(
-                f"precompute_ref_log_probs=True needs a map-style Dataset, but the {name} dataset is "
-                f"{type(dataset).__name__}; use a Dataset or set precompute_ref_log_probs=False"
-            )
-        if all(column in dataset.column_names for column in REF_COLUMNS):
-            return dataset
-        loader = DataLoader(
-            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
-            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
-        )  # fmt: skip
-        chosen, rejected = [], []
-        with self.reference_pass_model() as model:
-            for batch in self.accelerator.prepare(loader):
-                ref_chosen, ref_rejected = self.compute_ref_log_probs(model, batch)
-                ref_chosen, ref_rejected = self.accelerator.gather_for_metrics((ref_chosen, ref_rejected))
-                chosen.append(ref_chosen.float().cpu())
-                rejected.append(ref_rejected.float().cpu())
-        columns = {"ref_chosen_logps": torch.cat(chosen).tolist(), "ref_rejected_logps": torch.cat(rejected).tolist()}
-        for column, values in columns.items():
-            dataset = dataset.remove_columns(column) if column in dataset.column_names else dataset
-            dataset = dataset.add_column(column, values)
-        return dataset
 
     def compute_ref_log_probs(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference log-probs (chosen [B], rejected [B]) of one collated batch, summed over the completion tokens
         (with LD-DPO's weighting when ld_alpha is set). `model` is the reference model, or the policy itself before
         training (with its PEFT adapter disabled for a PEFT policy)."""
         model_kwargs, labels = _model_inputs(inputs)
-        with torch.no_grad(), self._reference_context(model), self.accelerator.autocast():
+        with torch.no_grad(), self.reference_context(model), self.accelerator.autocast():
             outputs = model(**model_kwargs, logprob_labels=labels)
         per_token = per_sequence(outputs.logprobs, inputs.get("sequence_lengths"))
         mask = per_sequence(outputs.label_mask, inputs.get("sequence_lengths"))
         return sequence_logps(per_token, mask, self.ld_alpha).chunk(2)
-
-    @contextlib.contextmanager
-    def _reference_context(self, model):
-        """For a no-grad pass through the policy itself: no gradient checkpointing, and for a PEFT policy without a
-        separate reference, its reference adapter (or no adapter)."""
-        if model is not self.model and self.accelerator.unwrap_model(model) is not self.model:
-            yield
-            return
-        with checkpointing_disabled(self.model, self.args.gradient_checkpointing_kwargs):
-            if is_peft_model(self.model):
-                with _reference_adapter(self.accelerator.unwrap_model(self.model)):
-                    yield
-            else:
-                yield
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
@@ -268,10 +188,7 @@ class DPOTrainer(PosttrainTrainer):
         model_kwargs, labels = _model_inputs(inputs)
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
-        if self.precompute_ref_logps:
-            ref_logps = (inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
-        else:
-            ref_logps = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
+        ref_logps = self.reference_logps(inputs)
         pairs_loss = _PairsLoss(self, inputs, ref_logps, self._sft_token_count(num_items_in_batch))
         if self._loss_in_head:
             layout = _label_layout(labels, inputs)
@@ -358,50 +275,6 @@ class DPOTrainer(PosttrainTrainer):
         for name, value in values.items():
             metrics[name].append(self.accelerator.gather(value).mean().item())
 
-    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.gather_for_metrics(tensor).sum()
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Training and evaluation loop hooks
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation: the DPO loss (and metrics) of the batch; logits only when compute_metrics needs them."""
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            if prediction_loss_only:
-                return self.compute_loss(model, inputs), None, None
-            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-        return loss, outputs.logits, inputs["input_ids"]
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """transformers.Trainer.evaluate, preparing (and, with precompute_ref_log_probs, scoring under the reference)
-        a dataset passed here as __init__ does for eval_dataset."""
-        if eval_dataset is None or isinstance(eval_dataset, str):
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        if (
-            self.precompute_ref_logps
-            and self.ref_model is None
-            and not is_peft_model(self.model)
-            and self.state.global_step > 0
-        ):
-            raise ValueError(
-                "evaluate() got a new dataset after training started, with precompute_ref_log_probs=True and no "
-                "ref_model: the reference (the initial model) is gone. Pass it as eval_dataset at initialization, "
-                "give a ref_model, or set precompute_ref_log_probs=False"
-            )
-        eval_dataset = self._prepare_eval_datasets(eval_dataset, self.processing_class, self.args)
-        if self.precompute_ref_logps:
-            eval_dataset = self._precompute_eval(eval_dataset)
-        if not isinstance(eval_dataset, dict):
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        metrics = {}
-        for name, dataset in eval_dataset.items():
-            metrics.update(
-                super().evaluate(dataset, ignore_keys=ignore_keys, metric_key_prefix=f"{metric_key_prefix}_{name}")
-            )
-        return metrics
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Construction helpers
 
@@ -423,31 +296,8 @@ def _default_collator(args: DPOConfig, tokenizer):
     )  # fmt: skip
 
 
-def _add_reference_adapter(model) -> None:
-    """A PEFT model with a trained adapter: its frozen copy "ref" is the reference policy."""
-    config = model.peft_config["default"]
-    model.add_adapter("ref", config)
-    for name, param in model.named_parameters():
-        if ".default." in name:
-            model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
-
-
 def _unwrap_peft(model):
     return model.get_base_model() if is_peft_model(model) else model
-
-
-@contextlib.contextmanager
-def _reference_adapter(peft_model):
-    if "ref" not in peft_model.peft_config:
-        with peft_model.disable_adapter():
-            yield
-        return
-    previous = peft_model.active_adapter
-    peft_model.set_adapter("ref")
-    try:
-        yield
-    finally:
-        peft_model.set_adapter(previous)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -7,17 +7,14 @@ ones (without gradient), which give the reference point; then the policy on the 
 computes the loss of whole sequences and its gradients in the forward (posttrain.ops.fused_linear_loss).
 """
 
-import contextlib
 import functools
 import warnings
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from torch.utils.data import DataLoader
 from transformers import TrainerCallback, set_seed
 
-from posttrain._compat import checkpointing_disabled
 from posttrain.configs.kto import KTOConfig
 from posttrain.data.kto import (
     KL_COLUMN,
@@ -28,17 +25,16 @@ from posttrain.data.kto import (
 )
 from posttrain.losses.kto import kl_estimate, kto_losses
 from posttrain.models.lm_head import HeadLoss, LabelLayout
-from posttrain.models.offloading import ActivationOffloading
 
-from .base import PosttrainTrainer, check_train_dataset, no_grad_without_checkpointing, router_aux_loss_setup
-from .dpo import _add_reference_adapter, _reference_adapter
+from .base import check_train_dataset, no_grad_without_checkpointing, router_aux_loss_setup
+from .preference import ReferenceTrainer, add_reference_adapter
 
 KL_PREFIX = "KL_"
 # Batch keys that are not inputs of the policy's forward on the examples
 NON_MODEL_KEYS = {"completion_mask", "label", *REF_COLUMNS}
 
 
-class KTOTrainer(PosttrainTrainer):
+class KTOTrainer(ReferenceTrainer):
     """Kahneman-Tversky Optimization, as TRL 1.16's `KTOTrainer` (same arguments, data formats, losses and metrics).
 
     Args:
@@ -78,6 +74,7 @@ class KTOTrainer(PosttrainTrainer):
 
     config_class = KTOConfig
     trainer_suffix = "KTO"
+    reference_columns = REF_COLUMNS
     loss_is_scaled_for_ga = False
 
     def __init__(
@@ -106,7 +103,7 @@ class KTOTrainer(PosttrainTrainer):
             )
         processing_class = self.load_processing_class(model, processing_class, args)
         if peft_config is None and is_peft_model(model) and ref_model is None:
-            _add_reference_adapter(model)
+            add_reference_adapter(model)
         model = self.wrap_peft(model, peft_config, args)
         if data_collator is None:
             data_collator = DataCollatorForUnpairedPreference(
@@ -120,10 +117,10 @@ class KTOTrainer(PosttrainTrainer):
         self.calculate_KL = args.estimates_kl
         self.precompute_ref_logps = args.precompute_ref_log_probs
 
-        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        train_dataset = self.prepare_dataset(train_dataset, processing_class, args, "train")
         if isinstance(train_dataset, Dataset):
             warn_if_unbalanced(train_dataset["label"], args.desirable_weight, args.undesirable_weight)
-        eval_dataset = self._prepare_eval_datasets(eval_dataset, processing_class, args)
+        eval_dataset = self.prepare_eval_datasets(eval_dataset, processing_class, args)
 
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -131,22 +128,21 @@ class KTOTrainer(PosttrainTrainer):
             callbacks=callbacks, optimizers=optimizers,
         )  # fmt: skip
         self.finish_setup(args, entropy=True, stats=("mean_logit",))  # logits/* read the mean logit
-        self._offloading = ActivationOffloading(self.model) if args.activation_offloading else None
         self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_setup(model, args.router_aux_loss_coef)
         self._total_train_tokens = 0
         parallelism = self.accelerator.parallelism_config
         # Tensor-parallel ranks see the same batch: a token count gathered over all ranks repeats each tp_size times
         self._tp_size = parallelism.tp_size if parallelism is not None else 1
-        self.ref_model = self._build_ref_model(ref_model, model_source, args, quantization_config)
+        self.ref_model = self.build_reference_model(ref_model, model_source, args, quantization_config)
         if self.precompute_ref_logps:
-            self._precompute_all()
+            self.precompute_reference()
             if ref_model is None:
                 self.ref_model = None  # under FSDP one was built for the precomputation only
 
     # ----------------------------------------------------------------------------------------------------------------
     # Set-up
 
-    def _prepare_dataset(self, dataset, processing_class, args: KTOConfig, dataset_name: str):
+    def prepare_dataset(self, dataset, processing_class, args: KTOConfig, dataset_name: str):
         # The mismatched pairs are formed within blocks of the train batch size, for the eval datasets too (as TRL)
         kl_batch_size = args.per_device_train_batch_size if args.estimates_kl else None
         with args.main_process_first(desc=f"preparing the {dataset_name} dataset"):
@@ -155,97 +151,18 @@ class KTOTrainer(PosttrainTrainer):
                 num_proc=args.dataset_num_proc if isinstance(dataset, Dataset) else None, dataset_name=dataset_name,
             )  # fmt: skip
 
-    def _prepare_eval_datasets(self, eval_dataset, processing_class, args: KTOConfig):
-        if eval_dataset is None:
-            return None
-        if isinstance(eval_dataset, dict):
-            return {name: self._prepare_dataset(ds, processing_class, args, name) for name, ds in eval_dataset.items()}
-        return self._prepare_dataset(eval_dataset, processing_class, args, "eval")
-
-    def _build_ref_model(self, ref_model, model_source, args: KTOConfig, quantization_config):
-        """The given reference, or a frozen copy of the initial policy; None when the reference log-probs come from
-        the policy itself (its adapter disabled, for PEFT) or are precomputed (except under FSDP, which needs a
-        separate model for the precomputation)."""
-        if args.sync_ref_model and is_peft_model(self.model):
-            raise NotImplementedError(
-                "sync_ref_model=True with a PEFT model is not supported: the reference is the model with its adapter "
-                "disabled, so there is no separate reference model to mix into"
-            )
-        if ref_model is None:
-            if is_peft_model(self.model) or (self.precompute_ref_logps and not self.is_fsdp_enabled):
-                return None
-            ref_model = self.create_reference_model(model_source, args, quantization_config)
-        return self.prepare_reference_model(ref_model, args)
-
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "completion_ids", KL_COLUMN, "label", *REF_COLUMNS]
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Reference log-probs
-
-    def _precompute_all(self) -> None:
-        args = self.args
-        if self.ref_model is None and self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                "precompute_ref_log_probs=True without a ref_model is not supported under DeepSpeed yet: the policy "
-                "is only placed on the devices when training starts. Pass a ref_model or compute the reference "
-                "log-probs during training"
-            )
-        batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
-        self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", batch_size)
-        if self.eval_dataset is not None:
-            self.eval_dataset = self._precompute_eval(self.eval_dataset)
-
-    def _precompute_eval(self, eval_dataset):
-        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-        if isinstance(eval_dataset, dict):
-            return {name: self._precompute_ref_logps(ds, name, batch_size) for name, ds in eval_dataset.items()}
-        return self._precompute_ref_logps(eval_dataset, "eval", batch_size)
-
-    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
-        if not isinstance(dataset, Dataset):
-            raise TypeError(
-                f"precompute_ref_log_probs=True needs a map-style Dataset, but the {name} dataset is "
-                f"{type(dataset).__name__}; use a Dataset or set precompute_ref_log_probs=False"
-            )
-        loader = DataLoader(
-            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
-            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
-        )  # fmt: skip
-        columns = {key: [] for key in REF_COLUMNS[: 1 + self.calculate_KL]}
-        model = self.ref_model if self.ref_model is not None else self.model
-        for batch in self.accelerator.prepare(loader):
-            values = self.compute_ref_log_probs(model, batch)[: len(columns)]
-            for key, value in zip(columns, self.accelerator.gather_for_metrics(values), strict=True):
-                columns[key].append(value.float().cpu())
-        for key, values in columns.items():
-            dataset = dataset.remove_columns(key) if key in dataset.column_names else dataset
-            dataset = dataset.add_column(key, torch.cat(values).tolist())
-        return dataset
 
     def compute_ref_log_probs(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference log-probs of one collated batch, summed over the completion tokens: of the examples [B], and
         of the mismatched pairs [B] (None for a loss type without the KL term). `model` is the reference model, or the
         policy itself before training (with its PEFT adapter disabled for a PEFT policy)."""
-        with torch.no_grad(), self._reference_context(model), self.accelerator.autocast():
+        with torch.no_grad(), self.reference_context(model), self.accelerator.autocast():
             logps = _completion_logps(model, inputs)
             kl_logps = _completion_logps(model, inputs, KL_PREFIX) if self.calculate_KL else None
         return logps, kl_logps
-
-    @contextlib.contextmanager
-    def _reference_context(self, model):
-        """For a no-grad pass through the policy itself: no gradient checkpointing, and for a PEFT policy without a
-        separate reference, its reference adapter (or no adapter)."""
-        if model is not self.model and self.accelerator.unwrap_model(model) is not self.model:
-            yield
-            return
-        with checkpointing_disabled(self.model, self.args.gradient_checkpointing_kwargs):
-            if is_peft_model(self.model):
-                with _reference_adapter(self.accelerator.unwrap_model(self.model)):
-                    yield
-            else:
-                yield
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
@@ -258,7 +175,7 @@ class KTOTrainer(PosttrainTrainer):
         gradients in the forward, chunk by chunk of whole sequences."""
         mode = "train" if self.model.training else "eval"
         desirable = inputs["label"].bool()
-        ref_logps, ref_kl_logps = self._reference_logps(inputs)
+        ref_logps, ref_kl_logps = self.reference_logps(inputs)
         ref_logps = ref_logps.float()
         kl = self._kl_estimate(model, inputs, ref_kl_logps)
         model_kwargs, labels = _model_kwargs(inputs), _labels(inputs)
@@ -291,12 +208,6 @@ class KTOTrainer(PosttrainTrainer):
             kl_logps = _completion_logps(model, inputs, KL_PREFIX)
         return kl_estimate(kl_logps, ref_kl_logps.to(kl_logps), gather=self.accelerator.gather_for_metrics)
 
-    def _reference_logps(self, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.precompute_ref_logps:
-            return inputs["ref_logps"], inputs.get("ref_KL_logps")
-        reference = self.ref_model if self.ref_model is not None else self.model
-        return self.compute_ref_log_probs(reference, inputs)
-
     def _log_metrics(self, mode: str, inputs, outputs, logps, ref_logps, desirable, kl) -> None:
         metrics, total = self._metrics[mode], self._sum_over_processes
         mask = outputs.label_mask
@@ -321,54 +232,6 @@ class KTOTrainer(PosttrainTrainer):
                 metrics[f"logps/{side}"].append(total(logps[rows].nansum()).item() / counts[side])
         if counts["chosen"] > 0 and counts["rejected"] > 0:
             metrics["rewards/margins"].append(metrics["rewards/chosen"][-1] - metrics["rewards/rejected"][-1])
-
-    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.gather_for_metrics(tensor).sum()
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Training and evaluation loop hooks
-
-    def training_step(self, *args, **kwargs):
-        with self._offloading or contextlib.nullcontext():
-            return super().training_step(*args, **kwargs)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation: the KTO loss (and metrics) of the batch; logits only when compute_metrics needs them."""
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            if prediction_loss_only:
-                return self.compute_loss(model, inputs), None, None
-            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-        return loss, outputs.logits, inputs["input_ids"]
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """transformers.Trainer.evaluate, preparing (and, with precompute_ref_log_probs, scoring under the reference)
-        a dataset passed here as __init__ does for eval_dataset."""
-        if eval_dataset is None or isinstance(eval_dataset, str):
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        if (
-            self.precompute_ref_logps
-            and self.ref_model is None
-            and not is_peft_model(self.model)
-            and self.state.global_step > 0
-        ):
-            raise ValueError(
-                "evaluate() got a new dataset after training started, with precompute_ref_log_probs=True and no "
-                "ref_model: the reference (the initial model) is gone. Pass it as eval_dataset at initialization, "
-                "give a ref_model, or set precompute_ref_log_probs=False"
-            )
-        eval_dataset = self._prepare_eval_datasets(eval_dataset, self.processing_class, self.args)
-        if self.precompute_ref_logps:
-            eval_dataset = self._precompute_eval(eval_dataset)
-        if not isinstance(eval_dataset, dict):
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        metrics = {}
-        for name, dataset in eval_dataset.items():
-            metrics.update(
-                super().evaluate(dataset, ignore_keys=ignore_keys, metric_key_prefix=f"{metric_key_prefix}_{name}")
-            )
-        return metrics
-
 
 class _ExamplesLoss:
     """The KTO loss of a batch's examples from their per-token log-probs: each chunk of the fused head's rows (whole
