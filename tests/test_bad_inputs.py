@@ -1040,16 +1040,11 @@ OPS_ROWS = [
         "head-input_ids-beyond-vocab",
         _head_forward([[1, 2, 900]], [[1, 2, 3]]),
         Raises(ValueError, "input_ids holds token id 900, outside the model's vocabulary [0, 259)"),
-        pending=("posttrain/models/lm_head.py", Raises(IndexError, "index out of range in self")),
     ),
     row(
         "head-labels-shape",
         _head_forward([[1, 2, 3]], [[1, 2]]),
         Raises(ValueError, "logprob_labels has shape (1, 2), expected (1, 3) (that of input_ids)"),
-        pending=(
-            "posttrain/models/lm_head.py",
-            Raises(IndexError, "The shape of the mask [1, 1] at index 1 does not match"),
-        ),
     ),
     # the token-id check the trainers call
     row(

@@ -301,6 +301,7 @@ def _patched_forward(model_class, config, is_moe, load_balancing_loss, effective
         original = head.previous_forward or functools.partial(model_class.forward, self)
         if logprob_labels is None:
             return original(*args, **kwargs)
+        _check_inputs(self, signature.bind(self, *args, **kwargs).arguments.get("input_ids"), logprob_labels)
         kwargs["use_cache"] = False
         if getattr(config, "output_router_logits", False):  # read per call: trainers set it after patching
             kwargs.setdefault("output_router_logits", True)
@@ -336,6 +337,24 @@ def divergence_unsupported(model) -> str | None:
     an unknown rescaling, an LM head that is not a plain linear layer), or None."""
     config = model.config.get_text_config()
     return _needs_full_logits(model, config, False, logit_scale(config) is None)
+
+
+def _check_inputs(model, input_ids, labels) -> None:
+    """Clear errors for what would otherwise fail inside the model (on CUDA, an out-of-range token id is a device-side
+    assert that ends the process): labels shaped unlike input_ids, token ids outside the embedding."""
+    if input_ids is None:
+        return
+    if labels.shape != input_ids.shape:
+        raise ValueError(
+            f"logprob_labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)} (that of input_ids)"
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    outside = (input_ids < 0) | (input_ids >= vocab)
+    if outside.any():
+        raise ValueError(
+            f"input_ids holds token id {int(input_ids[outside][0])}, outside the model's vocabulary [0, {vocab}): "
+            "tokenize with the model's own tokenizer, or resize its embeddings (model.resize_token_embeddings)"
+        )
 
 
 def _needs_full_logits(model, config, unknown_load_balancing: bool, unknown_scaling: bool) -> str | None:
