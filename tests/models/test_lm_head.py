@@ -175,6 +175,10 @@ SCALED_FAMILIES = {
 def test_fused_logprobs_follow_each_familys_logit_scaling(model_type):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type} models")
     torch.manual_seed(10)
     config = AutoConfig.for_model(model_type, **SMALL, **SCALED_FAMILIES[model_type])
     model = AutoModelForCausalLM.from_config(config).eval()

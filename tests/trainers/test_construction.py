@@ -125,6 +125,7 @@ def test_quantization_config_with_a_built_model_is_an_error(name, tmp_path):
 def test_use_liger_kernel_keeps_the_fused_head(name, tiny_model_dir, tmp_path):
     """With TRL's deprecated use_liger_kernel, Trainer.train() would apply Liger's fused linear cross entropy, which
     replaces the model's forward: every trainer turns that part off (GRPO did not)."""
+    pytest.importorskip("liger_kernel")
     trainer_class, config_class, _, _, config = TRAINERS[name]
     args = config_class(output_dir=str(tmp_path), use_liger_kernel=True, **COMMON, **config)
     with pytest.warns(FutureWarning, match="use_liger_kernel=True is deprecated"):
