@@ -72,6 +72,7 @@ def test_shape_override_provider_filter_and_bad_shape(tmp_path):
     assert bad.returncode == 2 and "is not of the form" in bad.stderr
 
 
+@pytest.mark.slow  # the first run's smoke test (tests/bench/test_first.py) covers the trainer rows in CI
 def test_trainer_rows_in_smoke_mode(tmp_path):
     result = _bench("--smoke", "--op", "dpo_loss", "--mode", "forward", "--trainers", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]

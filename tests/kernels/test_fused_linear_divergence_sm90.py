@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# one worker compiles them all (under xdist each worker would repeat the module fixture's compile)
+pytestmark = pytest.mark.xdist_group("sm90_compile")
+
 HOPPER_SHARED_MEMORY = 227 * 1024  # the per-block limit on sm_90
 # (MODE, WRITE_BUFFERS): reverse KL values only (TRL's default beta = 1 without a gradient), forward KL with the
 # buffers (training), the JSD (always with them)

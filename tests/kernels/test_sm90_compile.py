@@ -26,6 +26,9 @@ from pathlib import Path
 
 import pytest
 
+# one worker compiles them all (under xdist each worker would repeat the module fixture's compile)
+pytestmark = pytest.mark.xdist_group("sm90_compile")
+
 HOPPER_SHARED_MEMORY = 227 * 1024  # the per-block limit on sm_90
 
 

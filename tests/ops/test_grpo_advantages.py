@@ -125,7 +125,7 @@ def test_half_precision_rewards():
     torch.testing.assert_close(out, grpo_advantages_ref(rewards, 4, scale_rewards="batch"), rtol=1e-5, atol=1e-5)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     groups=st.integers(1, 5),
     num_generations=st.integers(2, 7),

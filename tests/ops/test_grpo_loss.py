@@ -251,7 +251,7 @@ def test_metrics_decompose_over_sequences():
         torch.testing.assert_close(joined.logs("vespo")["vespo/phi_seq_mean"], whole.phi.mean())
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     B=st.integers(1, 9),
     T=st.integers(1, 40),
