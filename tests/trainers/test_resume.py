@@ -29,6 +29,9 @@ CASES = {
     "dpo-within-epoch": ("DPO", lambda: Dataset.from_dict(
         {"prompt": ["2+2=", "x", "Hi", "The sky is"], "chosen": ["4", "y z", " there", " blue"],
          "rejected": ["5", "q", " you!", " green"]}), {}, 2, 1),
+    "dpo-next-epoch": ("DPO", lambda: Dataset.from_dict(
+        {"prompt": ["2+2=", "x", "Hi", "The sky is"], "chosen": ["4", "y z", " there", " blue"],
+         "rejected": ["5", "q", " you!", " green"]}), {}, 4, 3),
     "dpo-sync-ref-model": ("DPO", lambda: Dataset.from_dict(
         {"prompt": ["2+2=", "x", "Hi", "The sky is"], "chosen": ["4", "y z", " there", " blue"],
          "rejected": ["5", "q", " you!", " green"]}),
