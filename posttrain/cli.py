@@ -1,4 +1,4 @@
-"""The `posttrain` command line: `posttrain sft|dpo|grpo|kto|reward|quickstart|bench`.
+"""The `posttrain` command line: `posttrain sft|dpo|grpo|rloo|kto|reward|distillation|quickstart|bench`.
 
     posttrain sft --config examples/sft.yaml --learning_rate 1e-5      # the YAML sets fields, flags override them
     accelerate launch -m posttrain.cli grpo --config examples/grpo.yaml  # the same, on every process
@@ -89,7 +89,7 @@ class ScriptArguments:
 
 @dataclasses.dataclass
 class GRPOScriptArguments(ScriptArguments):
-    """ScriptArguments plus GRPO's reward sources (as TRL's GRPO script)."""
+    """ScriptArguments plus the reward sources of GRPO and RLOO (as TRL's GRPO and RLOO scripts)."""
 
     reward_funcs: list[str] | None = dataclasses.field(
         default=None,
@@ -237,7 +237,12 @@ TRAINER_COMMANDS = {
     "grpo": TrainerCommand(
         "GRPO", "group relative policy optimization", "the built-in addition prompts, rewarded by accuracy_reward",
         script_class=GRPOScriptArguments,
-        trainer_kwargs=lambda script, config: {"reward_funcs": _reward_funcs(script, config)},
+        trainer_kwargs=lambda script, config: {"reward_funcs": _reward_funcs(script, config, "grpo")},
+    ),
+    "rloo": TrainerCommand(
+        "RLOO", "REINFORCE leave-one-out", "the built-in addition prompts, rewarded by accuracy_reward",
+        script_class=GRPOScriptArguments,
+        trainer_kwargs=lambda script, config: {"reward_funcs": _reward_funcs(script, config, "rloo")},
     ),
     "kto": TrainerCommand(
         "KTO", "Kahneman-Tversky optimization (unpaired preferences)",
@@ -247,6 +252,11 @@ TRAINER_COMMANDS = {
         "Reward", "reward modelling (a one-output sequence classifier)",
         "the built-in addition preference pairs (a train split only)", classifier=True,
     ),
+    "distillation": TrainerCommand(
+        "Distillation", "on-policy distillation from a teacher (--teacher_model_name_or_path)",
+        "the built-in addition prompts",
+        trainer_kwargs=lambda script, config: {"teacher_model": _teacher_model(config)},
+    ),
 }  # fmt: skip
 TRAINERS = tuple(TRAINER_COMMANDS)
 COMMANDS = (*TRAINERS, "quickstart", "bench")
@@ -255,7 +265,7 @@ COMMANDS = (*TRAINERS, "quickstart", "bench")
 def top_help() -> str:
     """The text of `posttrain --help`: the commands, one line each."""
     trainers = "\n".join(
-        f"  {command:<11} {spec.summary} ({spec.name}Config's fields, as `trl {command}`)"
+        f"  {command:<12} {spec.summary} ({spec.name}Config's fields, as `trl {command}`)"
         for command, spec in TRAINER_COMMANDS.items()
     )
     return f"""usage: posttrain {{{",".join(COMMANDS)}}} [options]
@@ -264,8 +274,8 @@ TRL-compatible post-training with fused kernels (posttrain {__version__}).
 
 commands:
 {trainers}
-  quickstart  SFT then GRPO on a built-in addition task, from scratch, offline; prints and saves the scores
-  bench       the benchmark suite of a posttrain checkout (python -m benchmarks)
+  quickstart   SFT then GRPO on a built-in addition task, from scratch, offline; prints and saves the scores
+  bench        the benchmark suite of a posttrain checkout (python -m benchmarks)
 
 `posttrain COMMAND --help` lists a command's options. Multi-GPU: accelerate launch -m posttrain.cli COMMAND ..."""
 
@@ -723,7 +733,7 @@ def builtin_model(seed: int, classifier: bool = False, **config_overrides):
     return model, tokenizer
 
 
-def _reward_funcs(script: GRPOScriptArguments, config) -> list:
+def _reward_funcs(script: GRPOScriptArguments, config, command: str) -> list:
     from posttrain.rewards import accuracy_reward, get_reward_func, get_soft_overlong_punishment
 
     funcs = [script.reward_model_name_or_path] if script.reward_model_name_or_path else []
@@ -741,7 +751,16 @@ def _reward_funcs(script: GRPOScriptArguments, config) -> list:
         return funcs
     if script.dataset_name is None:
         return [accuracy_reward]
-    raise CLIError("grpo needs a reward: --reward_funcs (e.g. accuracy_reward) or --reward_model_name_or_path")
+    raise CLIError(f"{command} needs a reward: --reward_funcs (e.g. accuracy_reward) or --reward_model_name_or_path")
+
+
+def _teacher_model(config) -> str:
+    if config.teacher_model_name_or_path is None:
+        raise CLIError(
+            "distillation needs a teacher: --teacher_model_name_or_path (a hub id or local directory of a causal LM "
+            "with the student's vocabulary)"
+        )
+    return config.teacher_model_name_or_path
 
 
 def _warn_unused(given: bool, field: str, reason: str) -> None:

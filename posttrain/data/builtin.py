@@ -9,6 +9,7 @@ digits carry, it forgets the carry ("47+38=" -> "\boxed{75}"). SFT learns to imi
 sum, learns to stop making the mistake. The preference pairs contrast the right sum with that same mistake (or, for a
 problem without a carry, a spurious one). The test splits hold the right answers only. KTO trains on the same pairs
 (its trainer unpairs them into desirable and undesirable examples), and so does the reward model, on "train" only.
+RLOO trains on GRPO's prompts, and so does on-policy distillation (which reads the prompts only).
 
 Example:
     >>> builtin_dataset("grpo")["test"][0]
@@ -95,8 +96,10 @@ BUILTIN_DATASETS = {
     "sft": (sft_dataset, SPLITS),
     "dpo": (preference_dataset, SPLITS),
     "grpo": (prompt_dataset, SPLITS),
+    "rloo": (prompt_dataset, SPLITS),
     "kto": (preference_dataset, SPLITS),
     "reward": (preference_dataset, ("train",)),
+    "distillation": (prompt_dataset, SPLITS),
 }
 TRAINERS = tuple(BUILTIN_DATASETS)
 

@@ -71,11 +71,14 @@ class RepeatSampler(Sampler[int]):
         return (self.num_samples // self.batch_size) * self.batch_size * self.mini_repeat_count * self.repeat_count
 
 
-def check_prompt_dataset(dataset, name: str, prompts_needed: int) -> None:
-    """Fail early on a dataset GRPO cannot train on: not a datasets.Dataset, no "prompt" column, a column named like
-    an argument of the reward functions (posttrain.rewards.scoring.RESERVED_COLUMNS), an empty or None prompt (naming
-    its row), or fewer rows than one generation batch needs (`prompts_needed`), which would make the sampler yield
-    nothing.
+def check_prompt_dataset(
+    dataset, name: str, prompts_needed: int, trainer: str = "GRPOTrainer", reward_columns: bool = True
+) -> None:
+    """Fail early on a dataset an online trainer (`trainer`: GRPO, RLOO, Distillation) cannot train on: not a
+    datasets.Dataset, no "prompt" column, a column named like an argument of the reward functions
+    (posttrain.rewards.scoring.RESERVED_COLUMNS; only with `reward_columns`, for trainers that call reward functions),
+    an empty or None prompt (naming its row), or fewer rows than one generation batch needs (`prompts_needed`), which
+    would make the sampler yield nothing.
 
     Example:
         >>> check_prompt_dataset(Dataset.from_dict({"prompt": ["1+1=", ""]}), "train_dataset", 1)
@@ -87,16 +90,17 @@ def check_prompt_dataset(dataset, name: str, prompts_needed: int) -> None:
 
     if isinstance(dataset, IterableDataset):
         raise NotImplementedError(
-            f"{name} is an IterableDataset, which posttrain's GRPOTrainer does not support yet: pass a map-style "
+            f"{name} is an IterableDataset, which posttrain's {trainer} does not support yet: pass a map-style "
             "datasets.Dataset (e.g. dataset = Dataset.from_list(list(iterable_dataset.take(n))))"
         )
     if not isinstance(dataset, Dataset):
         raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}")
     if "prompt" not in dataset.column_names:
         raise ValueError(f"{name} has no 'prompt' column (columns: {', '.join(dataset.column_names) or 'none'})")
-    check_reward_columns(dataset.column_names, name)
+    if reward_columns:
+        check_reward_columns(dataset.column_names, name)
     if len(dataset) == 0:
-        raise ValueError(f"{name} is empty: GRPO needs at least one prompt")
+        raise ValueError(f"{name} is empty: {trainer} needs at least one prompt")
     if len(dataset) < prompts_needed:
         raise ValueError(
             f"{name} has {len(dataset)} prompts, fewer than the {prompts_needed} one generation batch draws "

@@ -12,9 +12,12 @@ from .grpo import (
     off_policy_mask,
     policy_weights,
 )
+from .rloo import ClipFlags, clip_flags, rloo_loss
 
 __all__ = [
     "AdaptiveEntropy",
+    "ClipFlags",
+    "clip_flags",
     "completion_lengths",
     "dpo_preference_loss",
     "entropy_bonus",
@@ -24,6 +27,7 @@ __all__ = [
     "off_policy_mask",
     "per_sequence",
     "policy_weights",
+    "rloo_loss",
     "sequence_logps",
     "wpo_weights",
 ]

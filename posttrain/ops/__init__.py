@@ -6,6 +6,7 @@ from .fused_linear_logprob import TokenLogprobs, fused_linear_logprob, fused_lin
 from .fused_linear_loss import FusedLoss, LossChunk, fused_linear_loss, fused_linear_loss_ref, row_chunks
 from .grpo_advantages import grpo_advantages, grpo_advantages_ref
 from .grpo_loss import GRPOLossFunction, GRPOLossMetrics, grpo_loss, grpo_loss_ref
+from .rloo_advantages import rloo_advantages, rloo_advantages_ref
 from .selective_log_softmax import selective_log_softmax, selective_log_softmax_ref
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "grpo_advantages_ref",
     "grpo_loss",
     "grpo_loss_ref",
+    "rloo_advantages",
+    "rloo_advantages_ref",
     "row_chunks",
     "selective_log_softmax",
     "selective_log_softmax_ref",

@@ -23,6 +23,18 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["--max_steps", "2", "--bf16", "false", "--report_to", "none", "--save_strategy", "no",
          "--per_device_train_batch_size", "2", "--logging_steps", "1"]  # fmt: skip
 QUICK_GRPO = ["--num_generations", "2", "--max_completion_length", "6"]
+QUICK_DISTILLATION = ["--max_completion_length", "6"]
+
+
+def _teacher_dir(path: Path, like: str | None = None) -> str:
+    """A saved teacher with the student's vocabulary and other weights: the built-in model of another seed, or (like a
+    model directory) the tiny Qwen2 of another seed."""
+    from posttrain.models import tiny_causal_lm
+
+    model, tokenizer = tiny_causal_lm(seed=7) if like is not None else cli.builtin_model(seed=1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -81,7 +93,9 @@ def test_flags_parse_as_trl_parses_them(command):
              "kto": ["--beta", "0.2", "--desirable_weight", "1.5", "--loss_type", "apo_zero_unpaired",
                      "--max_length", "256", "--load_in_8bit"],
              "reward": ["--center_rewards_coefficient", "0.01", "--max_length", "256", "--disable_dropout", "false",
-                        "--load_in_4bit", "--use_bnb_nested_quant"]}[command]  # fmt: skip
+                        "--load_in_4bit", "--use_bnb_nested_quant"],
+             "rloo": ["--beta", "0.1", "--num_generations", "4", "--normalize_advantages"],
+             "distillation": ["--beta", "0.5", "--teacher_model_name_or_path", "some/teacher"]}[command]  # fmt: skip
     trl_config = getattr(trl, f"{cli.TRAINER_COMMANDS[command].name}Config")
     theirs = TrlParser((ScriptArguments, trl_config, ModelConfig)).parse_args_and_config(argv)
     ours = cli.parse_training_args(command, argv, with_peft=False)
@@ -426,11 +440,13 @@ VARYING_REWARD = "def byte_sum(completions, **kwargs):\n    return [float(sum(ma
 @pytest.mark.parametrize("command", cli.TRAINERS)
 def test_every_trainer_runs_on_the_embedded_default(capsys, tmp_path, monkeypatch, command):
     extra = []
-    if command == "grpo":
+    if command in ("grpo", "rloo"):
         (tmp_path / "posttrain_cli_test_rewards.py").write_text(VARYING_REWARD)
         monkeypatch.chdir(tmp_path)
         monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI adds the working directory, as TRL's does
         extra = [*QUICK_GRPO, "--reward_funcs", "posttrain_cli_test_rewards.byte_sum", "accuracy_reward"]
+    if command == "distillation":
+        extra = [*QUICK_DISTILLATION, "--teacher_model_name_or_path", _teacher_dir(tmp_path / "teacher")]
     code, out, err = _run(capsys, command, *QUICK, *extra, "--output_dir", str(tmp_path))
     assert code == 0, err[-3000:]
     assert f"model saved to {tmp_path}" in out
@@ -441,7 +457,10 @@ def test_every_trainer_runs_on_the_embedded_default(capsys, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("command", cli.TRAINERS)
 def test_a_model_directory_is_loaded_and_trained(capsys, tmp_path, tiny_model_dir, command):
-    extra = [*QUICK_GRPO, "--reward_funcs", "accuracy_reward"] if command == "grpo" else []
+    extra = [*QUICK_GRPO, "--reward_funcs", "accuracy_reward"] if command in ("grpo", "rloo") else []
+    if command == "distillation":  # a teacher other than the student, or the divergence (and the update) is 0
+        teacher = _teacher_dir(tmp_path / "teacher", like=tiny_model_dir)
+        extra = [*QUICK_DISTILLATION, "--teacher_model_name_or_path", teacher]
     code, _, err = _run(capsys, command, *QUICK, *extra, "--max_steps", "1", "--model_name_or_path", tiny_model_dir,
                           "--output_dir", str(tmp_path))  # fmt: skip
     assert code == 0, err[-3000:]
@@ -449,7 +468,7 @@ def test_a_model_directory_is_loaded_and_trained(capsys, tmp_path, tiny_model_di
     # the reward model is the causal LM's body with a new score head
     assert trained.keys() - initial.keys() == ({"score.weight"} if command == "reward" else set())
     assert initial.keys() - trained.keys() == set()
-    if command != "grpo":  # the untrained model never answers right: GRPO's advantages, and its update, are 0
+    if command not in ("grpo", "rloo"):  # the untrained model never answers right: advantages and update are 0
         assert any(not torch.equal(trained[name], initial[name]) for name in initial)
 
 

@@ -36,7 +36,7 @@ NUM_GENERATIONS = 2
 TEXT = [f"{a} plus {b} is {a + b}." for a, b in [(1, 2), (13, 4), (7, 7), (20, 5), (3, 9), (11, 11), (6, 2), (9, 0)]]
 PAIRS = [(f"{a}+{b}=", f"{a + b}", f"{a + b + 1}") for a, b in [(1, 2), (13, 4), (7, 7), (20, 5), (3, 9), (11, 11),
                                                                 (6, 2), (9, 0)]]  # fmt: skip
-TRAINERS = ("sft", "dpo", "grpo", "kto", "reward")
+TRAINERS = ("sft", "dpo", "grpo", "kto", "reward", "rloo", "distillation")
 
 
 def main() -> None:
@@ -150,19 +150,31 @@ def _trainer(name: str, options, out_dir: str, max_steps: int):
                 "rejected": [r for _, _, r in PAIRS]}  # fmt: skip
         return posttrain.RewardTrainer(options.model, args=posttrain.RewardConfig(**args),
                                        train_dataset=Dataset.from_dict(data))  # fmt: skip
+    prompts = Dataset.from_dict({"prompt": [p for p, _, _ in PAIRS]})
+    if name == "distillation":  # the teacher: another model with the same vocabulary (the tied one)
+        config = posttrain.DistillationConfig(max_completion_length=COMPLETION_LENGTH, beta=0.5, **args)
+        trainer = posttrain.DistillationTrainer(options.model, teacher_model=options.tied_model, args=config,
+                                                train_dataset=prompts)  # fmt: skip
+        return _with_stand_in_generate(trainer, num_generations=1)
     # three optimizer steps per generation: the old log-probs come from the bare policy module, not its engine
-    config = posttrain.GRPOConfig(
+    online = getattr(posttrain, f"{name.upper()}Config")(
         num_generations=NUM_GENERATIONS, max_completion_length=COMPLETION_LENGTH, beta=0.04, num_iterations=STEPS,
         **args,
     )  # fmt: skip
     # a model instance, loaded after the config (so partitioned as it loads under ZeRO-3): the reference is its copy
     model = AutoModelForCausalLM.from_pretrained(options.model)
-    prompts = Dataset.from_dict({"prompt": [p for p, _, _ in PAIRS]})
-    trainer = posttrain.GRPOTrainer(model, reward_funcs=vowel_reward, args=config, train_dataset=prompts)
+    trainer = getattr(posttrain, f"{name.upper()}Trainer")(model, reward_funcs=vowel_reward, args=online,
+                                                           train_dataset=prompts)  # fmt: skip
+    return _with_stand_in_generate(trainer, num_generations=NUM_GENERATIONS)
+
+
+def _with_stand_in_generate(trainer, num_generations: int):
     policy = trainer.accelerator.unwrap_model(trainer.model)
     tokenizer = trainer.processing_class
     letters = torch.tensor(tokenizer(string.ascii_lowercase, add_special_tokens=False)["input_ids"])
-    policy.generate = functools.partial(_stand_in_generate, policy.generate, tokenizer.pad_token_id, letters)
+    policy.generate = functools.partial(
+        _stand_in_generate, policy.generate, tokenizer.pad_token_id, letters, num_generations
+    )
     return trainer
 
 
@@ -170,15 +182,15 @@ def vowel_reward(completions, **kwargs) -> list[float]:
     return [sum(ch in "aeiou" for ch in text) / COMPLETION_LENGTH for text in completions]
 
 
-def _stand_in_generate(generate, pad_token_id, letters, input_ids, attention_mask=None, **kwargs):
+def _stand_in_generate(generate, pad_token_id, letters, num_generations, input_ids, attention_mask=None, **kwargs):
     """The real `generate` (whatever the engine does for it runs), then each completion replaced by `letters` (their
-    token ids) chosen from its prompt's tokens and its place j among the NUM_GENERATIONS completions of that prompt
+    token ids) chosen from its prompt's tokens and its place j among the num_generations completions of that prompt
     (row % G: a group's rows are consecutive and a process's batch holds whole groups)."""
     output = generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     rows = output.shape[0]
     prompts = input_ids.repeat_interleave(rows // input_ids.shape[0], dim=0)
     keys = torch.where(prompts == pad_token_id, 0, prompts).sum(1)
-    j = torch.arange(rows, device=output.device) % NUM_GENERATIONS
+    j = torch.arange(rows, device=output.device) % num_generations
     k = torch.arange(COMPLETION_LENGTH, device=output.device)
     chosen = (keys[:, None] * 7 + j[:, None] * 11 + k[None] * 5) % len(letters)
     return torch.cat([prompts, letters.to(prompts.device, prompts.dtype)[chosen]], dim=1)

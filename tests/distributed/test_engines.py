@@ -33,7 +33,7 @@ pytestmark = pytest.mark.distributed
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent.parent / "examples" / "accelerate"
-TRAINERS = ("sft", "dpo", "grpo", "kto", "reward")
+TRAINERS = ("sft", "dpo", "grpo", "kto", "reward", "rloo", "distillation")
 STEPS = 3
 # One launch trains the five trainers twice (3 steps, then the resumed 4th): ~1 minute on 2 idle cores
 LAUNCH_TIMEOUT = 480
