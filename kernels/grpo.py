@@ -1,10 +1,11 @@
-"""GRPO kernels: group-normalized advantages, and the clipped policy-gradient loss of TRL's GRPOTrainer per sequence.
+"""GRPO kernels: group-normalized advantages (and RLOO's leave-one-out ones), and the clipped policy-gradient loss of
+TRL's GRPOTrainer per sequence.
 
 Advantages: a single program walks the [B, R] rewards group block by group block. Everything is NaN-aware: a reward
 function that returned None is NaN, and padding is loaded as NaN so it drops out of every statistic by itself. The
-batch-level statistics ("batch" scaling, normalize_then_sum) need the whole batch before any advantage can be written,
-so the program makes two extra sweeps (sum, then squared deviations) and recomputes the cheap per-row rewards each
-time instead of staging them in memory.
+batch-level statistics ("batch" scaling, normalize_then_sum, RLOO's normalize_advantages) need the whole batch before
+any advantage can be written, so the program makes two extra sweeps (sum, then squared deviations) and recomputes the
+cheap per-row rewards each time instead of staging them in memory.
 
 Loss: one program per sequence loops over its tokens and writes per-sequence sums (loss, mask, KL, clip counts); the
 loss-type-specific aggregation of those [B] vectors is left to torch, so its autograd provides the per-sequence
@@ -188,6 +189,145 @@ def grpo_advantages_fwd(
         rewards, weights, adv, std,
         G, num_generations, R, rewards.stride(0), rewards.stride(1), float(std_eps),
         SCALE=SCALE_CODES[scale_rewards], NORMALIZE_FIRST=normalize_then_sum, BATCH_STATS=batch_stats,
+        WRITE_STD=return_std, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_R=block_r,
+        num_warps=4 if block_g * block_n * block_r <= 1024 else 8,
+    )  # fmt: skip
+    return adv, std if return_std else None
+
+
+@triton.jit
+def _leave_one_out(
+    r_ptr,
+    w_ptr,
+    kl_ptr,
+    g0,
+    G,
+    N,
+    R,
+    stride_b,
+    stride_r,
+    clip_low,
+    clip_high,
+    beta,
+    HAS_CLIP: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # RLOO's reward per completion of groups [g0, g0 + BLOCK_G) (weighted sum, clipped, minus beta x KL; NaN when
+    # unscorable) and its advantage over the mean of the group's other scorable completions (NaN without any)
+    rew, rows, row_ok = _combined_rewards(
+        r_ptr, w_ptr, g0, G, N, R, stride_b, stride_r, 0.0, False, BLOCK_G, BLOCK_N, BLOCK_R
+    )
+    if HAS_CLIP:
+        # tl.minimum / tl.maximum may drop a NaN: keep unscorable rewards NaN explicitly
+        rew = tl.where(_not_nan(rew), tl.minimum(tl.maximum(rew, clip_low), clip_high), rew)
+    if HAS_KL:
+        rew = rew - beta * tl.load(kl_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    valid = _not_nan(rew)
+    count = tl.sum(valid.to(tl.float32), axis=1, keep_dims=True)
+    total = tl.sum(tl.where(valid, rew, 0.0), axis=1, keep_dims=True)
+    adv = rew - (total - rew) / (count - 1.0)
+    return adv, rew, rows, row_ok
+
+
+@triton.jit
+def _rloo_advantages_kernel(
+    r_ptr,
+    w_ptr,
+    kl_ptr,
+    adv_ptr,
+    std_ptr,
+    G,
+    N,
+    R,
+    stride_b,
+    stride_r,
+    clip_low,
+    clip_high,
+    beta,
+    std_eps,
+    HAS_CLIP: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    WRITE_STD: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    batch_mean = 0.0
+    batch_std = 1.0
+    if NORMALIZE:
+        # Two sweeps for the batch mean and std of the advantages, recomputed rather than staged (see the docstring)
+        acc = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
+        cnt = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
+        for g0 in range(0, G, BLOCK_G):
+            adv, rew, rows, row_ok = _leave_one_out(
+                r_ptr, w_ptr, kl_ptr, g0, G, N, R, stride_b, stride_r, clip_low, clip_high, beta, HAS_CLIP, HAS_KL,
+                BLOCK_G, BLOCK_N, BLOCK_R,
+            )  # fmt: skip
+            acc += tl.where(_not_nan(adv), adv, 0.0)
+            cnt += _not_nan(adv).to(tl.float32)
+        count = tl.sum(tl.sum(cnt, axis=1), axis=0)
+        batch_mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count
+        acc = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
+        for g0 in range(0, G, BLOCK_G):
+            adv, rew, rows, row_ok = _leave_one_out(
+                r_ptr, w_ptr, kl_ptr, g0, G, N, R, stride_b, stride_r, clip_low, clip_high, beta, HAS_CLIP, HAS_KL,
+                BLOCK_G, BLOCK_N, BLOCK_R,
+            )  # fmt: skip
+            dev = tl.where(_not_nan(adv), adv - batch_mean, 0.0)
+            acc += dev * dev
+        var = tl.sum(tl.sum(acc, axis=1), axis=0) / (count - 1.0)
+        batch_std = tl.where(count > 1.0, tl.sqrt(var), float("nan")) + std_eps
+
+    for g0 in range(0, G, BLOCK_G):
+        adv, rew, rows, row_ok = _leave_one_out(
+            r_ptr, w_ptr, kl_ptr, g0, G, N, R, stride_b, stride_r, clip_low, clip_high, beta, HAS_CLIP, HAS_KL,
+            BLOCK_G, BLOCK_N, BLOCK_R,
+        )  # fmt: skip
+        if NORMALIZE:
+            adv = (adv - batch_mean) / batch_std
+        adv = tl.where(_not_nan(adv), adv, 0.0)
+        adv = tl.minimum(tl.maximum(adv, -FLT_MAX), FLT_MAX)
+        tl.store(adv_ptr + rows, adv, mask=row_ok)
+        if WRITE_STD:
+            group_std = _nan_mean_std(rew, 1)[1]
+            tl.store(std_ptr + rows, tl.zeros((BLOCK_G, BLOCK_N), tl.float32) + group_std, mask=row_ok)
+
+
+def rloo_advantages_fwd(
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    kl: torch.Tensor | None,
+    num_generations: int,
+    clip_range: tuple[float, float] | None,
+    beta: float,
+    normalize: bool,
+    return_std: bool,
+    std_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the RLOO advantages kernel. rewards [B, R] float (NaN = no reward), weights [R] float32 contiguous, kl
+    [B] contiguous or None; std_eps is added to the batch std with `normalize`.
+
+    B must be a multiple of num_generations. Returns float32 [B] advantages and, with return_std, the float32 [B] std
+    of each completion's group of (clipped, KL-penalized) rewards.
+    """
+    B, R = rewards.shape
+    G = B // num_generations
+    adv = torch.empty(B, device=rewards.device, dtype=torch.float32)
+    std = torch.empty(B, device=rewards.device, dtype=torch.float32) if return_std else adv
+    if B == 0:
+        return adv, std if return_std else None
+    block_n = triton.next_power_of_2(num_generations)
+    block_r = triton.next_power_of_2(max(R, 1))
+    block_g = max(1, min(triton.next_power_of_2(G), ADV_TILE_ELEMENTS // (block_n * block_r)))
+    low, high = clip_range if clip_range is not None else (0.0, 0.0)
+    _rloo_advantages_kernel[(1,)](
+        rewards, weights, kl if kl is not None else adv, adv, std,
+        G, num_generations, R, rewards.stride(0), rewards.stride(1), float(low), float(high), float(beta),
+        float(std_eps), HAS_CLIP=clip_range is not None, HAS_KL=kl is not None, NORMALIZE=normalize,
         WRITE_STD=return_std, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_R=block_r,
         num_warps=4 if block_g * block_n * block_r <= 1024 else 8,
     )  # fmt: skip
