@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 from accelerate.utils import gather, gather_object, is_peft_model, set_seed
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from posttrain.data.common import is_conversational, pad
 from posttrain.data.grpo import RepeatSampler, check_prompt_dataset, shuffle_batch, split_batch, tokenize_prompts
@@ -35,6 +35,22 @@ from .base import PosttrainTrainer, no_grad_without_checkpointing, router_aux_lo
 from .generation import Completions, create_generation
 
 BUFFER_FILE = "grpo_generation_batch_{}.pt"  # one per process
+
+
+class SamplerEpochCallback(TrainerCallback):
+    """Gives the train sampler its epoch as each epoch starts.
+
+    Trainer's own `set_epoch` does not reach it in a run resumed mid-epoch on several processes: accelerate's
+    `skip_first_batches` wraps the sharded batch sampler one level deeper than `DataLoaderShard.set_epoch` looks, so
+    the resumed epoch would replay epoch 0's order. The trainer's state holds e + k / n there (k of n batches done)."""
+
+    def __init__(self, trainer: "OnlineTrainer"):
+        self._trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        sampler = self._trainer._train_sampler
+        if sampler is not None:
+            sampler.set_epoch(int(state.epoch or 0))
 
 
 def _to_device(batches: list[dict], device) -> list[dict]:
@@ -158,11 +174,13 @@ class OnlineTrainer(PosttrainTrainer):
         self._step = 0  # micro-steps (one per training_step call), across gradient accumulation
         self._buffered_inputs = None
         self._step_time = 0.0
+        self._train_sampler = None
         super().__init__(
             model=model, args=args, data_collator=_keep_examples, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
         )  # fmt: skip
         self.finish_setup(args, **head_options)
+        self.add_callback(SamplerEpochCallback(self))
         self._ops_impl = "auto" if args.use_fused_kernels else "torch"
         self._logs = self._empty_completion_logs(args.generation_batch_size)
 
@@ -215,7 +233,7 @@ class OnlineTrainer(PosttrainTrainer):
         )
 
     def _get_train_sampler(self, dataset=None):
-        return RepeatSampler(
+        self._train_sampler = RepeatSampler(
             dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=self.num_generations,
             batch_size=self.args.generation_batch_size // self.num_generations,
@@ -223,6 +241,7 @@ class OnlineTrainer(PosttrainTrainer):
             shuffle=self.args.shuffle_dataset,
             seed=self.args.seed,
         )
+        return self._train_sampler
 
     def _get_eval_sampler(self, eval_dataset):
         return RepeatSampler(eval_dataset, mini_repeat_count=self.num_generations_eval, seed=self.args.seed)

@@ -151,7 +151,9 @@ def _trainer(name: str, options, out_dir: str, max_steps: int):
         return posttrain.RewardTrainer(options.model, args=posttrain.RewardConfig(**args),
                                        train_dataset=Dataset.from_dict(data))  # fmt: skip
     prompts = Dataset.from_dict({"prompt": [p for p, _, _ in PAIRS]})
-    if name == "distillation":  # the teacher: another model with the same vocabulary (the tied one)
+    # the teacher: another model with the same vocabulary (the tied one). Four prompts a step: the resumed 4th step is
+    # the middle of the second epoch, where a sampler that missed its epoch would replay the first epoch's order
+    if name == "distillation":
         config = posttrain.DistillationConfig(max_completion_length=COMPLETION_LENGTH, beta=0.5, **args)
         trainer = posttrain.DistillationTrainer(options.model, teacher_model=options.tied_model, args=config,
                                                 train_dataset=prompts)  # fmt: skip

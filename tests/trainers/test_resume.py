@@ -40,15 +40,22 @@ CASES = {
     "grpo-next-epoch": ("GRPO", lambda: Dataset.from_dict({"prompt": ["hello", "abc", "xyz!"]}), {}, 5, 4),
     "grpo-num-iterations-odd-step": ("GRPO", lambda: Dataset.from_dict({"prompt": ["hello", "abc", "xyz!", "qq"]}),
                                      {"num_iterations": 2, "beta": 0.05}, 4, 3),
+    "rloo-next-epoch": ("RLOO", lambda: Dataset.from_dict({"prompt": ["hello", "abc", "xyz!"]}), {}, 5, 4),
+    "distillation-next-epoch": ("Distillation", lambda: Dataset.from_dict({"prompt": ["hello", "abc", "xyz!"]}),
+                                {"beta": 0.5}, 4, 3),
 }  # fmt: skip
 GRPO_CONFIG = dict(num_generations=2, max_completion_length=4, temperature=1.0)
 
 
 def _trainer(kind, model_dir, dataset, output_dir, steps, config):
     module = posttrain
-    extra = dict(GRPO_CONFIG) if kind == "GRPO" else {}
+    extra = dict(GRPO_CONFIG) if kind in ("GRPO", "RLOO") else {}
+    if kind == "Distillation":  # the model its own (frozen) teacher
+        extra = {"max_completion_length": 4, "temperature": 1.0}
     args = getattr(module, f"{kind}Config")(output_dir=str(output_dir), max_steps=steps, **COMMON, **extra, **config)
-    kwargs = {"reward_funcs": _reward} if kind == "GRPO" else {}
+    kwargs = {"reward_funcs": _reward} if kind in ("GRPO", "RLOO") else {}
+    if kind == "Distillation":
+        kwargs = {"teacher_model": model_dir}
     return getattr(module, f"{kind}Trainer")(model_dir, args=args, train_dataset=dataset(), **kwargs)
 
 
