@@ -22,6 +22,10 @@ if not _has_cuda():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# posttrain drops the checkout's root from sys.path (`python -m pytest` puts it there), whose kernels/ would shadow the
+# PyPI package `kernels` that transformers imports: first, as a test module may import transformers before posttrain
+import posttrain  # noqa: E402, F401
+
 if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
     # xdist runs one worker per core: intra-op threads would only oversubscribe them (tiny matrices, OpenMP spinning)
     torch.set_num_threads(1)

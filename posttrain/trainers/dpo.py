@@ -12,7 +12,7 @@ import warnings
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback
 from transformers.utils import logging
 
 from posttrain.configs.dpo import DPOConfig
@@ -29,8 +29,8 @@ from posttrain.models.attention import use_padding_free_attention
 from posttrain.models.lm_head import HeadLoss, LabelLayout, packed_layout
 from posttrain.ops.dpo_loss import LOSS_SEMANTICS
 
-from .base import check_train_dataset, router_aux_loss_setup
-from .preference import ReferenceTrainer, add_reference_adapter
+from .base import check_train_dataset
+from .preference import ReferenceTrainer
 
 logger = logging.get_logger(__name__)
 
@@ -96,18 +96,11 @@ class DPOTrainer(ReferenceTrainer):
     ):
         args = self.resolve_args(model, args)
         check_train_dataset(train_dataset, args)
-        set_seed(args.seed)  # before the model: PEFT initializes adapters randomly
         model_source = model
-        model = self.load_model(model, args, quantization_config)
-        if ref_model is model:
-            raise ValueError(
-                "model and ref_model are the same object; leave ref_model=None to train against a copy of the model"
-            )
-        processing_class = self.load_processing_class(model, processing_class, args)
+        model, processing_class = self.load_policy(
+            model, ref_model, args, processing_class, peft_config, quantization_config
+        )
         _check_text_only(train_dataset)
-        if peft_config is None and is_peft_model(model) and ref_model is None:
-            add_reference_adapter(model)
-        model = self.wrap_peft(model, peft_config, args)
         self.padding_free = args.padding_free
         if self.padding_free:
             use_padding_free_attention(_unwrap_peft(model))
@@ -132,17 +125,8 @@ class DPOTrainer(ReferenceTrainer):
         )  # fmt: skip
         # logits/* need the mean logit, mean_token_accuracy the argmax, WPO's weights log sum_v p_v^2
         stats = ("mean_logit", "is_argmax", *(("log_sum_sq_probs",) if args.use_weighting else ()))
-        self.finish_setup(args, entropy=True, stats=stats)
-        self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_setup(model, args.router_aux_loss_coef)
-        self._total_train_tokens = 0
-        parallelism = self.accelerator.parallelism_config
-        # Tensor-parallel ranks see the same batch: a token count gathered over all ranks repeats each tp_size times
-        self._tp_size = parallelism.tp_size if parallelism is not None else 1
-        self.ref_model = self.build_reference_model(ref_model, model_source, args, quantization_config)
-        if self.precompute_ref_logps:
-            self.precompute_reference()
-            if ref_model is None:
-                self.ref_model = None  # under FSDP one was built for the precomputation only
+        self.finish_reference_setup(model, ref_model, model_source, args, quantization_config, entropy=True,
+                                    stats=stats)  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------------------------
     # Set-up

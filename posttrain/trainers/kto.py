@@ -11,9 +11,8 @@ import functools
 import warnings
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback
 
 from posttrain.configs.kto import KTOConfig
 from posttrain.data.kto import (
@@ -26,8 +25,8 @@ from posttrain.data.kto import (
 from posttrain.losses.kto import kl_estimate, kto_losses
 from posttrain.models.lm_head import HeadLoss, LabelLayout
 
-from .base import check_train_dataset, no_grad_without_checkpointing, router_aux_loss_setup
-from .preference import ReferenceTrainer, add_reference_adapter
+from .base import check_train_dataset, no_grad_without_checkpointing
+from .preference import ReferenceTrainer
 
 KL_PREFIX = "KL_"
 # Batch keys that are not inputs of the policy's forward on the examples
@@ -94,17 +93,10 @@ class KTOTrainer(ReferenceTrainer):
     ):
         args = self.resolve_args(model, args)
         check_train_dataset(train_dataset, args)
-        set_seed(args.seed)  # before the model: PEFT initializes adapters randomly
         model_source = model
-        model = self.load_model(model, args, quantization_config)
-        if ref_model is model:
-            raise ValueError(
-                "model and ref_model are the same object; leave ref_model=None to train against a copy of the model"
-            )
-        processing_class = self.load_processing_class(model, processing_class, args)
-        if peft_config is None and is_peft_model(model) and ref_model is None:
-            add_reference_adapter(model)
-        model = self.wrap_peft(model, peft_config, args)
+        model, processing_class = self.load_policy(
+            model, ref_model, args, processing_class, peft_config, quantization_config
+        )
         if data_collator is None:
             data_collator = DataCollatorForUnpairedPreference(
                 self._tokenizer.pad_token_id, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of
@@ -127,17 +119,9 @@ class KTOTrainer(ReferenceTrainer):
             eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
             callbacks=callbacks, optimizers=optimizers,
         )  # fmt: skip
-        self.finish_setup(args, entropy=True, stats=("mean_logit",))  # logits/* read the mean logit
-        self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_setup(model, args.router_aux_loss_coef)
-        self._total_train_tokens = 0
-        parallelism = self.accelerator.parallelism_config
-        # Tensor-parallel ranks see the same batch: a token count gathered over all ranks repeats each tp_size times
-        self._tp_size = parallelism.tp_size if parallelism is not None else 1
-        self.ref_model = self.build_reference_model(ref_model, model_source, args, quantization_config)
-        if self.precompute_ref_logps:
-            self.precompute_reference()
-            if ref_model is None:
-                self.ref_model = None  # under FSDP one was built for the precomputation only
+        # logits/* read the mean logit
+        self.finish_reference_setup(model, ref_model, model_source, args, quantization_config, entropy=True,
+                                    stats=("mean_logit",))  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------------------------
     # Set-up

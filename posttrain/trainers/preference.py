@@ -5,13 +5,13 @@ datasets passed later."""
 import contextlib
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import is_peft_model, set_seed
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from posttrain._compat import checkpointing_disabled
 
-from .base import PosttrainTrainer
+from .base import PosttrainTrainer, router_aux_loss_setup
 
 
 class ReferenceTrainer(PosttrainTrainer):
@@ -37,6 +37,36 @@ class ReferenceTrainer(PosttrainTrainer):
         if isinstance(eval_dataset, dict):
             return {name: self.prepare_dataset(ds, processing_class, args, name) for name, ds in eval_dataset.items()}
         return self.prepare_dataset(eval_dataset, processing_class, args, "eval")
+
+    def load_policy(self, model, ref_model, args, processing_class, peft_config, quantization_config):
+        """The policy (seeded first: PEFT initializes adapters randomly), loaded and PEFT-wrapped, and its
+        processing class. A PEFT policy given without a reference gets a reference adapter: a copy of its adapter as
+        loaded (TRL's "ref" adapter). Returns (model, processing_class)."""
+        set_seed(args.seed)
+        loaded = self.load_model(model, args, quantization_config)
+        if ref_model is loaded:
+            raise ValueError(
+                "model and ref_model are the same object; leave ref_model=None to train against a copy of the model"
+            )
+        processing_class = self.load_processing_class(loaded, processing_class, args)
+        if peft_config is None and is_peft_model(loaded) and ref_model is None:
+            add_reference_adapter(loaded)
+        return self.wrap_peft(loaded, peft_config, args), processing_class
+
+    def finish_reference_setup(self, model, ref_model, model_source, args, quantization_config, **head_options):
+        """After Trainer.__init__: the fused head (`head_options`), the router's auxiliary loss, the token counter,
+        the reference model and, with precompute_ref_log_probs, the reference columns."""
+        self.finish_setup(args, **head_options)
+        self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_setup(model, args.router_aux_loss_coef)
+        self._total_train_tokens = 0
+        parallelism = self.accelerator.parallelism_config
+        # Tensor-parallel ranks see the same batch: a token count gathered over all ranks repeats each tp_size times
+        self._tp_size = parallelism.tp_size if parallelism is not None else 1
+        self.ref_model = self.build_reference_model(ref_model, model_source, args, quantization_config)
+        if self.precompute_ref_logps:
+            self.precompute_reference()
+            if ref_model is None:
+                self.ref_model = None  # under FSDP one was built for the precomputation only
 
     def configure_reference(self, reference) -> None:
         """Adapt a reference model to the batches it will see (DPO: packing-safe attention). Default: nothing."""

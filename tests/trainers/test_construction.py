@@ -219,4 +219,6 @@ def test_activation_offloading_and_tiled_mlp_leave_the_training_unchanged(name, 
     assert runs["activation_offloading"][0] == plain_losses
     assert torch.equal(runs["activation_offloading"][1], plain_params)
     torch.testing.assert_close(runs["tiled_mlp"][0], plain_losses, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(runs["tiled_mlp"][1], plain_params, rtol=1e-4, atol=1e-6)
+    # Adam turns a near-zero gradient's rounding difference into a step of up to ~lr (1e-3): with several intra-op
+    # threads a few weights differ by ~1e-5, where a tile's missing or wrong gradient moves them by ~lr
+    torch.testing.assert_close(runs["tiled_mlp"][1], plain_params, rtol=1e-4, atol=1e-4)
