@@ -1,11 +1,12 @@
 """Every trainer under every engine accelerate offers, with two CPU processes (gloo) and the fused head on.
 
-For each engine (DDP, DeepSpeed ZeRO-2, ZeRO-3, FSDP2) one launch of run_trainers.py trains SFT, DPO, GRPO, KTO and
-Reward for 3 steps on a tiny model, saves a checkpoint and resumes it for a 4th step. Against one process with the
-doubled batch (the same samples per optimizer step) the test checks the logged losses and gradient norms of every
-step, the resumed step included, the weights the checkpoint saved whole (and KTO's synced reference), and that the
-engine really sharded what it shards: otherwise a run could pass on plain DDP. Under ZeRO-3 the fused head also
-gathers a partitioned LM head itself where DeepSpeed does not (run_trainers.head_gathered_by_itself).
+For each engine (DDP, DeepSpeed ZeRO-2, ZeRO-3, FSDP2) one launch of run_trainers.py trains SFT, DPO, GRPO, KTO,
+Reward, RLOO and Distillation for 3 steps on a tiny model, saves a checkpoint and resumes it for a 4th step. Against
+one process with the doubled batch (the same samples per optimizer step) the test checks the logged losses and
+gradient norms of every step, the resumed step included, the weights the checkpoint saved whole (and KTO's synced
+reference), and that the engine really sharded what it shards: otherwise a run could pass on plain DDP. Under ZeRO-3
+the fused head also gathers a partitioned LM head itself where DeepSpeed does not
+(run_trainers.head_gathered_by_itself).
 
 The accelerate configs are examples/accelerate/*.yaml made to run on the CPU: 2 processes, no mixed precision, and
 for ZeRO-3 a DeepSpeed config with stage3_param_persistence_threshold 0 (its default keeps a tiny model's weights
@@ -35,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent.parent / "examples" / "accelerate"
 TRAINERS = ("sft", "dpo", "grpo", "kto", "reward", "rloo", "distillation")
 STEPS = 3
-# One launch trains the five trainers twice (3 steps, then the resumed 4th): ~1 minute on 2 idle cores
+# One launch trains the seven trainers twice (3 steps, then the resumed 4th): ~1.5 minutes on 2 idle cores
 LAUNCH_TIMEOUT = 480
 # fp32 on both sides; the two runs differ in the order of the gradient sums (two ranks' all-reduce or
 # reduce-scatter against one process's batch), which Adam carries into the next steps. Measured: every loss and
