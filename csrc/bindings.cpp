@@ -108,7 +108,7 @@ at::Tensor as_f32(const at::Tensor& t, const char* name) {
 
 std::tuple<at::Tensor, at::Tensor> grpo_advantages(const at::Tensor& rewards, const at::Tensor& weights,
                                                    int64_t num_generations, int64_t scale, bool normalize_then_sum,
-                                                   bool return_std) {
+                                                   bool return_std, double std_eps) {
   TORCH_CHECK(rewards.dim() == 2, "rewards must be [B, R], got ", rewards.sizes());
   const int64_t batch = rewards.size(0);
   TORCH_CHECK(num_generations > 0 && batch % num_generations == 0, "num_generations (", num_generations,
@@ -122,8 +122,8 @@ std::tuple<at::Tensor, at::Tensor> grpo_advantages(const at::Tensor& rewards, co
   at::Tensor std = at::empty({return_std ? batch : 0}, r.options());
   check_launch(posttrain::grpo_advantages(r.data_ptr<float>(), batch, r.size(1), r.stride(0), r.stride(1),
                                           w.data_ptr<float>(), num_generations, static_cast<int>(scale),
-                                          normalize_then_sum, advantages.data_ptr<float>(),
-                                          return_std ? std.data_ptr<float>() : nullptr,
+                                          normalize_then_sum, static_cast<float>(std_eps),
+                                          advantages.data_ptr<float>(), return_std ? std.data_ptr<float>() : nullptr,
                                           at::cuda::getCurrentCUDAStream()),
                "grpo_advantages");
   return {advantages, std};
@@ -237,7 +237,7 @@ TORCH_LIBRARY(posttrain, m) {
       "Tensor? grad_entropy, float temperature, int ignore_index) -> Tensor");
   m.def(
       "grpo_advantages(Tensor rewards, Tensor weights, int num_generations, int scale, bool normalize_then_sum, "
-      "bool return_std) -> (Tensor advantages, Tensor std)");
+      "bool return_std, float std_eps) -> (Tensor advantages, Tensor std)");
   m.def(
       "grpo_loss_fwd(Tensor logps, Tensor old_logps, Tensor? ref_logps, Tensor advantages, Tensor mask, "
       "Tensor? policy_weights, float beta, "

@@ -1,6 +1,7 @@
 // GRPO in CUDA: group-normalized advantages (one launch, NaN-aware) and the per-sequence sums of the per-token
 // clipped policy loss, forward and backward. The math is kernels/grpo.py's (TRL 1.16's GRPOTrainer), operand for
-// operand; the loss-type-specific aggregation of the [B] sums stays in torch.
+// operand; the loss-type-specific aggregation of the [B] sums stays in torch. Masked-out tokens are skipped, never
+// multiplied by a 0 mask: whatever they hold (NaN, inf) cannot reach a sum or a gradient.
 #include <cmath>
 
 #include "common.cuh"
@@ -52,6 +53,7 @@ struct AdvantageArgs {
   int64_t stride_b, stride_r;
   const float* weights;  // [R]
   int64_t num_groups, group_size, num_funcs;
+  float std_eps;  // added to every std before dividing (posttrain.ops.grpo_advantages.STD_EPS)
 };
 
 // The combined reward of completion `i` of group `g`: the weighted NaN-ignoring sum over reward functions (each
@@ -69,7 +71,7 @@ __device__ float combined_reward(const AdvantageArgs& a, int64_t g, int i, int l
       float mean, std;
       const float* col = a.rewards + g * a.group_size * a.stride_b + k * a.stride_r;
       group_mean_std([=](int j) { return col[j * a.stride_b]; }, static_cast<int>(a.group_size), lane, mean, std);
-      x = (x - mean) / (std + 1e-4f);
+      x = (x - mean) / (std + a.std_eps);
     }
     const float weighted = x * a.weights[k];
     if (!is_nan(weighted)) total += weighted;
@@ -134,11 +136,11 @@ __global__ void __launch_bounds__(kAdvThreads) grpo_advantages_kernel(AdvantageA
       const float r = reward(i);
       float adv, std;
       if (kNormalizeFirst) {
-        adv = (r - batch_mean) / (batch_std + 1e-4f), std = batch_std;
+        adv = (r - batch_mean) / (batch_std + a.std_eps), std = batch_std;
       } else if (kScale == 1) {
-        adv = (r - group_mean) / (group_std + 1e-4f), std = group_std;
+        adv = (r - group_mean) / (group_std + a.std_eps), std = group_std;
       } else if (kScale == 2) {
-        adv = (r - group_mean) / (batch_std + 1e-4f), std = batch_std;
+        adv = (r - group_mean) / (batch_std + a.std_eps), std = batch_std;
       } else {
         adv = r - group_mean, std = group_std;
       }
@@ -233,8 +235,10 @@ __device__ void sequence_ratio(const LossArgs& a, int64_t row, float& ratio, flo
   float v[2] = {0.f, 0.f};
   for (int64_t t = threadIdx.x; t < a.T; t += kLossThreads) {
     const int64_t i = row * a.T + t;
-    v[0] += a.mask[i] * (a.logps[i] - a.old_logps[i]);
-    v[1] += a.mask[i];
+    const float m = a.mask[i];
+    if (m == 0.f) continue;
+    v[0] += m * (a.logps[i] - a.old_logps[i]);
+    v[1] += m;
   }
   block_sums(v);
   tokens = v[1];
@@ -252,7 +256,9 @@ __global__ void __launch_bounds__(kLossThreads) grpo_loss_fwd_kernel(LossArgs a,
   float v[kCount] = {};
   for (int64_t t = threadIdx.x; t < a.T; t += kLossThreads) {
     const int64_t i = row * a.T + t;
-    const float m = a.mask[i], logp = a.logps[i];
+    const float m = a.mask[i];
+    if (m == 0.f) continue;
+    const float logp = a.logps[i];
     const float c = a.sequence_level ? c_seq : expf(logp - a.old_logps[i]);
     PolicyTerm term = policy_term(a, c, adv, logp);
     if (a.weights != nullptr) term.loss *= a.weights[i], term.grad *= a.weights[i];
@@ -302,7 +308,12 @@ __global__ void __launch_bounds__(kLossThreads)
   }
   for (int64_t t = threadIdx.x; t < a.T; t += kLossThreads) {
     const int64_t i = row * a.T + t;
-    const float m = a.mask[i], logp = a.logps[i];
+    const float m = a.mask[i];
+    if (m == 0.f) {
+      dlogps[i] = 0.f;
+      continue;
+    }
+    const float logp = a.logps[i];
     const float c = a.sequence_level ? c_seq : expf(logp - a.old_logps[i]);
     const float grad = policy_term(a, c, adv, logp).grad * (a.weights != nullptr ? a.weights[i] : 1.f);
     float dl = a.loss_code == 1 ? grad : (a.sequence_level ? 0.f : grad * c);
@@ -332,10 +343,12 @@ LossArgs loss_args(const GrpoLossInputs& in) {
 
 cudaError_t grpo_advantages(const float* rewards, int64_t batch, int64_t num_funcs, int64_t stride_b,
                             int64_t stride_r, const float* weights, int64_t num_generations, int scale,
-                            bool normalize_then_sum, float* advantages, float* std_out, cudaStream_t stream) {
+                            bool normalize_then_sum, float std_eps, float* advantages, float* std_out,
+                            cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   if (num_generations <= 0 || batch % num_generations != 0 || scale < 0 || scale > 2) return cudaErrorInvalidValue;
-  const AdvantageArgs a{rewards, stride_b, stride_r, weights, batch / num_generations, num_generations, num_funcs};
+  const AdvantageArgs a{rewards,          stride_b,        stride_r,  weights, batch / num_generations,
+                        num_generations,  num_funcs,       std_eps};
   if (normalize_then_sum) return launch_advantages<true, 0, true>(a, advantages, std_out, stream);
   switch (scale) {
     case 0:

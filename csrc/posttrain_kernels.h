@@ -28,17 +28,18 @@ cudaError_t selective_log_softmax_bwd(DType dtype, const void* logits, int64_t n
                                       void* grad_logits, int64_t grad_row_stride, cudaStream_t stream);
 
 // GRPO advantages over rewards [batch, num_funcs] float32 (NaN = the reward function returned None), each group's
-// num_generations completions contiguous: NaN-aware group means, Bessel-corrected std + 1e-4, NaN -> 0. scale: 0
+// num_generations completions contiguous: NaN-aware group means, Bessel-corrected std + std_eps, NaN -> 0. scale: 0
 // none, 1 group, 2 batch; normalize_then_sum normalizes every function within its group first and the weighted sum
 // over the batch. std_out (nullable) receives the std each advantage was (or would have been) divided by.
 cudaError_t grpo_advantages(const float* rewards, int64_t batch, int64_t num_funcs, int64_t stride_b,
                             int64_t stride_r, const float* weights, int64_t num_generations, int scale,
-                            bool normalize_then_sum, float* advantages, float* std_out, cudaStream_t stream);
+                            bool normalize_then_sum, float std_eps, float* advantages, float* std_out,
+                            cudaStream_t stream);
 
 // Inputs of the GRPO loss kernels: contiguous float32 [batch, T] logps, old_logps, mask (and ref_logps, null when
 // beta == 0; policy_weights, null for all ones: they multiply each token's policy term, not its KL term),
 // advantages [batch], and GRPOConfig's options. loss_code: 0 clipped surrogate (grpo, bnpo, dr_grpo, dapo,
-// luspo), 1 cispo, 2 sapo.
+// luspo), 1 cispo, 2 sapo (vespo has no CUDA kernel). Tokens whose mask is 0 are skipped, whatever they hold.
 struct GrpoLossInputs {
   const float* logps;
   const float* old_logps;

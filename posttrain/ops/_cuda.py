@@ -123,19 +123,19 @@ def grpo_loss_bwd_cuda(logps, old_logps, ref_logps, advantages, mask, grad_rows,
     return dlogps.to(logps.dtype)
 
 
-def grpo_advantages_cuda(rewards, weights, num_generations, scale_rewards, normalize_then_sum, return_std):
+def grpo_advantages_cuda(rewards, weights, num_generations, scale_rewards, normalize_then_sum, return_std, std_eps):
     """posttrain::grpo_advantages with the contract of posttrain.kernels.grpo.grpo_advantages_fwd."""
     from posttrain.kernels.grpo import SCALE_CODES
 
     advantages, std = torch.ops.posttrain.grpo_advantages(
-        rewards, weights, num_generations, SCALE_CODES[scale_rewards], normalize_then_sum, return_std
+        rewards, weights, num_generations, SCALE_CODES[scale_rewards], normalize_then_sum, return_std, std_eps
     )
     return advantages, std if return_std else None
 
 
 def _register_grpo_fakes() -> None:
     @torch.library.register_fake("posttrain::grpo_advantages")
-    def _(rewards, weights, num_generations, scale, normalize_then_sum, return_std):
+    def _(rewards, weights, num_generations, scale, normalize_then_sum, return_std, std_eps):
         batch = rewards.shape[0]
         return rewards.new_empty(batch, dtype=torch.float32), rewards.new_empty(
             batch if return_std else 0, dtype=torch.float32

@@ -187,13 +187,13 @@ def grpo_advantages(
         )  # fmt: skip
     if weights is None:
         weights = torch.ones(rewards.shape[1], dtype=torch.float32, device=rewards.device)
-    args = (rewards, weights.contiguous(), num_generations, scale_rewards, normalize_then_sum, return_std)
+    args = (rewards, weights.contiguous(), num_generations, scale_rewards, normalize_then_sum, return_std, STD_EPS)
     if impl == "cuda":
         from ._cuda import grpo_advantages_cuda
 
-        advantages, std = grpo_advantages_cuda(*args)  # csrc/grpo.cu adds its own copy of STD_EPS (1e-4f)
+        advantages, std = grpo_advantages_cuda(*args)
     else:
         from posttrain.kernels.grpo import grpo_advantages_fwd
 
-        advantages, std = grpo_advantages_fwd(*args, STD_EPS)
+        advantages, std = grpo_advantages_fwd(*args)
     return (advantages, std) if return_std else advantages

@@ -507,20 +507,9 @@ def grpo_loss(
     if impl == "cuda":
         if loss_type == "vespo":
             raise NotImplementedError("impl='cuda' has no vespo kernel (csrc/grpo.cu): use impl='triton' or 'torch'")
-        logps, old_logps, ref_logps, cfg["policy_weights"] = _zero_masked_for_cuda(
-            mask, logps, old_logps, ref_logps, cfg["policy_weights"]
-        )
     row_loss, tokens, kl, *clips, phi = GRPOLossFunction.apply(logps, old_logps, ref_logps, advantages, mask, cfg, impl)
     loss = _aggregate(row_loss, tokens, loss_type, max_completion_length, num_items, num_sequences)
     if not return_metrics:
         return loss
     clip_weight = tokens if importance_sampling_level == "token" else torch.ones_like(tokens)
     return loss, GRPOLossMetrics(tokens, kl, *clips, clip_weight, phi)
-
-
-def _zero_masked_for_cuda(mask, *tensors):
-    # csrc/grpo.cu multiplies by the mask, so a NaN under a 0 would survive as NaN: zero those tokens here (a copy
-    # per input) until the CUDA kernels select as the Triton ones do
-    valid = mask != 0
-    return tuple(None if t is None else _select(t, valid if t.shape[1] > 1 else valid.any(1, keepdim=True))
-                 for t in tensors)  # fmt: skip

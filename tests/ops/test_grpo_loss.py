@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from posttrain.ops.grpo_loss import LOSS_TYPES, GRPOLossMetrics, _zero_masked_for_cuda, grpo_loss
+from posttrain.ops.grpo_loss import LOSS_TYPES, GRPOLossMetrics, grpo_loss
 
 LEVELS = ("token", "sequence")
 
@@ -461,18 +461,6 @@ def test_masked_tokens_holding_nan_or_inf_do_not_contribute(loss_type, level):
         torch.testing.assert_close(grad, clean_grad, rtol=0, atol=0, msg=impl)
         assert (grad[~mask] == 0).all()
         _assert_metrics_equal(metrics, clean_metrics)
-
-
-def test_cuda_inputs_are_zeroed_where_masked():
-    # csrc multiplies by the mask, so the op hands it inputs that hold 0 where the mask is 0
-    logps, _, _, _, mask = _inputs(4, 6)
-    logps[~mask] = math.nan
-    row_weights = torch.tensor([[math.nan], [2.0], [math.inf], [3.0]])
-    mask[2] = False  # rows 1 and 2 are fully masked: their per-sequence weights go too
-    zeroed, absent, row = _zero_masked_for_cuda(mask, logps, None, row_weights)
-    assert absent is None
-    torch.testing.assert_close(zeroed, torch.where(mask, logps, 0.0))
-    torch.testing.assert_close(row, torch.tensor([[math.nan], [0.0], [0.0], [3.0]]), equal_nan=True)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

@@ -22,7 +22,7 @@ from posttrain import (
     SFTConfig,
     SFTTrainer,
 )
-from posttrain.models import byte_level_tokenizer, fused_head_of, tiny_causal_lm
+from posttrain.models import fused_head_of, tiny_causal_lm
 from posttrain.trainers.base import SyncRefModelCallback, model_name
 
 COMMON = dict(
