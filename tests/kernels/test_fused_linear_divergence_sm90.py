@@ -9,17 +9,15 @@ tests/kernels/sm90_compile.py; the tests run it in a subprocess.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from sm90_checks import assert_no_spills, assert_persistent_pipelined_forward, compile_reports
 
 # one worker compiles them all (under xdist each worker would repeat the module fixture's compile)
 pytestmark = pytest.mark.xdist_group("sm90_compile")
 
-HOPPER_SHARED_MEMORY = 227 * 1024  # the per-block limit on sm_90
 # (MODE, WRITE_BUFFERS): reverse KL values only (TRL's default beta = 1 without a gradient), forward KL with the
 # buffers (training), the JSD (always with them)
 FWD_VARIANTS = {"reverse-kl": (1, False), "forward-kl+buffers": (0, True), "jsd+buffers": (2, True)}
@@ -64,33 +62,18 @@ def main():
 
 @pytest.fixture(scope="module")
 def reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, __file__], check=False, capture_output=True, text=True, env=env, timeout=900
-    )
-    if result.returncode != 0 and "ModuleNotFoundError" in result.stderr and "triton" in result.stderr:
-        pytest.skip("triton is not installed")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return compile_reports(Path(__file__))
 
 
 def test_forward_is_persistent_pipelined_and_on_wgmma(reports):
     forwards = [r for r in reports if r["kernel"] == "fwd"]
     assert len(forwards) == 4
     for r in forwards:
-        assert r["pipelined"] and r["persistent"] and r["flat"], r
-        # sm90_compile's criterion: the next tile's loads are issued before this tile's epilogue, with no full drain
-        assert r["prefetch_before_epilogue"] and not r["drains_in_loop"], r
-        assert r["wgmma"] or r["dtype"] == "fp32", r  # fp32 runs IEEE dots, off the tensor cores
-        assert r["shared"] <= HOPPER_SHARED_MEMORY, r
+        assert_persistent_pipelined_forward(r)
 
 
 def test_no_spills(reports):
-    checked = [r for r in reports if "spill_bytes" in r]
-    if not checked:
-        pytest.skip("Triton ships no ptxas that reads its PTX here")
-    for r in checked:
-        assert r["spill_bytes"] == 0, r
+    assert_no_spills(reports)
 
 
 def test_element_wise_kernels_move_16_bytes_at_a_time(reports):
