@@ -1,5 +1,7 @@
 """Helpers shared by the tests (importable as `testing_utils`: pyproject puts tests/ on sys.path)."""
 
+import math
+
 import torch
 
 
@@ -34,3 +36,20 @@ def lm_head_inputs(n, h, v, *, dtype=torch.float32, bias=False, logit_scale=1.0,
 def leaves_like(tensors, dtype):
     """Detached copies of `tensors` (None kept) converted to `dtype`, requiring grad."""
     return tuple(t.detach().to(dtype).requires_grad_() if t is not None else None for t in tensors)
+
+
+def logged_close(ours: float, theirs: float, step: int, step1: tuple[float, float], later: tuple[float, float]) -> bool:
+    """One logged value of posttrain's against TRL's: within (rtol, atol) = `step1` at step 1, `later` after it."""
+    rtol, atol = step1 if step == 1 else later
+    return math.isclose(ours, theirs, rel_tol=rtol, abs_tol=atol)
+
+
+def assert_same_logs(ours: list[dict], theirs: list[dict], step1: tuple[float, float],
+                     later: tuple[float, float]) -> None:  # fmt: skip
+    """Three logged steps of two trainers (posttrain's, TRL's): the same keys, every value `logged_close` (the modules
+    that call this say why their tolerances are what they are)."""
+    assert len(ours) == len(theirs) == 3
+    for step, (a, b) in enumerate(zip(ours, theirs), start=1):
+        assert a.keys() == b.keys(), f"step {step}: logged keys differ: {set(a) ^ set(b)}"
+        bad = {key: (a[key], b[key]) for key in b if not logged_close(a[key], b[key], step, step1, later)}
+        assert not bad, f"step {step}, (posttrain, TRL): {bad}"

@@ -14,6 +14,7 @@ import torch
 import trl
 from datasets import Dataset
 from moe_utils import ARCHITECTURE_COEF, save_tiny_moe
+from testing_utils import assert_same_logs, logged_close
 
 import posttrain
 from posttrain import DPOConfig, DPOTrainer
@@ -104,16 +105,11 @@ def train(tiny_model_dir, tmp_path_factory):
 
 
 def _close(ours: float, theirs: float, step: int) -> bool:
-    rtol, atol = (STEP1_RTOL, STEP1_ATOL) if step == 1 else (LATER_RTOL, LATER_ATOL)
-    return math.isclose(ours, theirs, rel_tol=rtol, abs_tol=atol)
+    return logged_close(ours, theirs, step, step1=(STEP1_RTOL, STEP1_ATOL), later=(LATER_RTOL, LATER_ATOL))
 
 
 def _assert_same_logs(ours: list[dict], theirs: list[dict]) -> None:
-    assert len(ours) == len(theirs) == 3
-    for step, (a, b) in enumerate(zip(ours, theirs), start=1):
-        assert a.keys() == b.keys(), f"step {step}: logged keys differ: {set(a) ^ set(b)}"
-        bad = {key: (a[key], b[key]) for key in b if not _close(a[key], b[key], step)}
-        assert not bad, f"step {step}, (posttrain, TRL): {bad}"
+    assert_same_logs(ours, theirs, step1=(STEP1_RTOL, STEP1_ATOL), later=(LATER_RTOL, LATER_ATOL))
 
 
 def test_lora_adapter_with_disabled_adapter_reference_matches_trl(tiny_model_dir, tmp_path):
