@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fused_linear_logprob as logprob
 from ._common import TiledKernel, divide_by_temperature, dot_precision, interpreting, persistent_programs
 from .fused_linear_logprob import (
-    CANDIDATE_TILES,
     INTERPRETER_TILE,
     _default_split_v,
     _fresh_stats,
@@ -36,7 +36,7 @@ from .fused_linear_logprob import (
     _row_targets,
     _scaled_logits,
     _store_stats,
-    pinned_tile,
+    _tile,
 )
 
 # Elements per program of the element-wise kernels
@@ -44,9 +44,27 @@ _DLOGITS_ELEMENTS = 8192
 _SCALE_BLOCK = 4096
 
 
+# The forward's epilogue also stores a [BLOCK_N, BLOCK_V] buffer tile. At fused_linear_logprob's 128 x 128 tile that
+# costs spills under Triton 3.6 (the GPU image's: 76-248 bytes a thread with entropy / argmax / every statistic;
+# none under 3.9), and its fp32 tile spills 40 bytes there; these two are spill-free under both (sm90 compile tests).
+PINNED_16BIT = _tile(128, 64, 64, 8, 3)
+PINNED_FP32 = _tile(64, 64, 32, 8, 3)
+# What POSTTRAIN_AUTOTUNE=1 tries: the pinned tile, then fused_linear_logprob's (none of the two-slice wide tiles: the
+# buffer store is [BLOCK_N, BLOCK_V])
+CANDIDATE_TILES = {
+    "16bit": (PINNED_16BIT, *logprob.CANDIDATE_TILES["16bit"]),
+    "fp32": (PINNED_FP32, *logprob.CANDIDATE_TILES["fp32"]),
+}
+
+
+def pinned_tile(dtype: torch.dtype) -> triton.Config:
+    """The forward kernel's tile for `dtype` inputs unless POSTTRAIN_AUTOTUNE=1 or the launcher is given `config`."""
+    if interpreting():
+        return INTERPRETER_TILE
+    return PINNED_FP32 if dtype == torch.float32 else PINNED_16BIT
+
+
 def _candidates(args: dict) -> tuple[triton.Config, ...]:
-    # What POSTTRAIN_AUTOTUNE=1 tries: fused_linear_logprob's tiles for the dtype (the epilogue here always has a
-    # [BLOCK_N, BLOCK_V] store, so none of the two-slice wide tiles).
     if interpreting():
         return (INTERPRETER_TILE,)
     return CANDIDATE_TILES["fp32" if args["h_ptr"].dtype == torch.float32 else "16bit"]

@@ -36,10 +36,13 @@ def assert_persistent_pipelined_forward(report: dict) -> None:
     assert report["shared"] <= HOPPER_SHARED_MEMORY, report
 
 
-def assert_no_spills(reports: list[dict]) -> None:
-    """No register spills in any report that has a count (skips when Triton's ptxas cannot read its PTX here)."""
+def assert_no_spills(reports: list[dict], known: dict | None = None) -> None:
+    """No register spills in any report that has a count (skips when Triton's ptxas cannot read its PTX here).
+
+    known: {(kernel, dtype, flags): bytes} spills measured and accepted for the installed Triton; such a variant may
+    spill up to that many bytes, no more."""
     checked = [r for r in reports if "spill_bytes" in r]
     if not checked:
         pytest.skip("Triton ships no ptxas that reads its PTX here")
     for r in checked:
-        assert r["spill_bytes"] == 0, r
+        assert r["spill_bytes"] <= (known or {}).get((r["kernel"], r["dtype"], r["flags"]), 0), r
