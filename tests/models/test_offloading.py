@@ -4,6 +4,7 @@ import weakref
 import pytest
 import torch
 
+from posttrain._compat import enable_checkpointing
 from posttrain.models import add_fused_logprob_head, tiny_causal_lm
 from posttrain.models.offloading import ActivationOffloading, no_activation_offloading
 from posttrain.models.tiled_mlp import apply_tiled_mlp
@@ -29,7 +30,7 @@ def test_same_loss_and_gradients(checkpointing):
     model, _ = tiny_causal_lm(seed=0)
     model.train()
     if checkpointing:
-        model.activation_checkpointing_enable()
+        enable_checkpointing(model, None)  # transformers 5.17 names it gradient_checkpointing_enable
     ids = torch.randint(0, 259, (2, 37))
     expected = _train_step(model, ids)
     offloading = ActivationOffloading(model)
@@ -236,7 +237,7 @@ def test_cuda_same_loss_and_gradients_and_less_memory(use_streams, checkpointing
     model, _ = tiny_causal_lm(seed=0, hidden_size=256, intermediate_size=1024)
     model.cuda().train()
     if checkpointing:
-        model.activation_checkpointing_enable()
+        enable_checkpointing(model, None)  # transformers 5.17 names it gradient_checkpointing_enable
     ids = torch.randint(0, 259, (4, 1024), device="cuda")
 
     def step(offloading=None):

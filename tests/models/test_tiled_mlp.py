@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from posttrain._compat import enable_checkpointing
 from posttrain.models import tiny_qwen2_config
 from posttrain.models.tiled_mlp import TiledMLPFunction, apply_tiled_mlp, remove_tiled_mlp
 
@@ -54,7 +55,7 @@ def _max_diff(a, b):
 def test_same_outputs_and_gradients(arch, checkpointing, batch, seq, tile):
     model = _model(arch)
     if checkpointing:
-        model.activation_checkpointing_enable()
+        enable_checkpointing(model, None)  # transformers 5.17 names it gradient_checkpointing_enable
     model.train()
     embeds = torch.randn(batch, seq, model.config.hidden_size)
     expected = _step(model, embeds)
