@@ -295,6 +295,12 @@ def _model_args(*flags: str, peft: bool = True):
     return config, model_args, lora
 
 
+# the CLI checks for bitsandbytes before it builds a quantization config (test_quantization_without_bitsandbytes_...)
+needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                        reason="bitsandbytes is an optional extra: pip install 'posttrain[qlora]'")  # fmt: skip
+
+
+@needs_bitsandbytes
 def test_4bit_flags_build_trls_bitsandbytes_config(tiny_model_dir):
     from transformers import BitsAndBytesConfig
 
@@ -310,6 +316,7 @@ def test_4bit_flags_build_trls_bitsandbytes_config(tiny_model_dir):
     assert config.model_init_kwargs["dtype"] == "bfloat16"
 
 
+@needs_bitsandbytes
 def test_8bit_and_defaults():
     _, model_args, _ = _model_args("--load_in_8bit")
     assert model_args.quantization_config().to_dict()["load_in_8bit"] is True
@@ -338,6 +345,7 @@ BAD_QUANTIZATION = {
 }  # fmt: skip
 
 
+@needs_bitsandbytes
 @pytest.mark.parametrize("flags, expected", BAD_QUANTIZATION.values(), ids=BAD_QUANTIZATION.keys())
 def test_bad_quantization_is_one_line(capsys, tmp_path, tiny_model_dir, flags, expected):
     flags = [flag.replace("{model}", tiny_model_dir) for flag in flags]

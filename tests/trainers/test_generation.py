@@ -2,6 +2,7 @@
 correction: its ratio against a float64 reference, the sampled tokens' log-probs against an independent
 recomputation, and GRPO trained with the correction on transformers' samples."""
 
+import inspect
 import math
 import os
 import socket
@@ -13,6 +14,7 @@ import torch
 import trl
 from accelerate import Accelerator
 from fake_vllm import EOS_IDS, GRPO_BASE, save_tiny_policy, train_grpo
+from transformers.generation import ContinuousBatchingConfig
 
 import posttrain
 from posttrain.models import tiny_causal_lm
@@ -23,8 +25,11 @@ from posttrain.trainers.generation import (
     sampling_mismatch_stats,
 )
 
-# a few blocks of a few tokens: transformers sizes the paged cache from free memory otherwise (slow on the CPU)
-SMALL_CACHE = {"num_blocks": 16, "page_size": 16, "max_batch_tokens": 256}
+# a few blocks of a few tokens: transformers sizes the paged cache from free memory otherwise (slow on the CPU); the
+# block's length is `block_size` in transformers 5.17 (the GPU image's), `page_size` in later versions
+_BLOCK_LENGTH = next(name for name in ("page_size", "block_size")
+                     if name in inspect.signature(ContinuousBatchingConfig).parameters)  # fmt: skip
+SMALL_CACHE = {"num_blocks": 16, _BLOCK_LENGTH: 16, "max_batch_tokens": 256}
 MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
