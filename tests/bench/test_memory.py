@@ -2,6 +2,7 @@
 leaves memory behind, warm starts, deadlines and errors (with fake workers); the report's table and summary fields;
 and `gpu_check.sh OUT memory --smoke`, the real subprocess workers on the CPU."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -132,6 +133,12 @@ def test_search_all_gives_up_on_errors_and_dead_workers_and_marks_the_deadline(m
     assert results["posttrain"]["status"] == "cut by the deadline" and results["posttrain"]["max_seq_len"] is None
 
 
+# the QLoRA variants are planned and run only where bitsandbytes is importable (else dropped with a note)
+needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                        reason="bitsandbytes is an optional extra: pip install 'posttrain[qlora]'")  # fmt: skip
+
+
+@needs_bitsandbytes
 def test_plan_drops_what_cannot_run_and_orders_by_tier_then_trainer():
     from benchmarks.memory import TRAINERS, VARIANTS, _plan
 
@@ -177,6 +184,7 @@ def test_report_table_bounds_and_summary_fields():
     assert [r["variant"] for r in result["max_seq"]][:2] == ["trl", "posttrain"] and "kind" not in result["max_seq"][0]
 
 
+@needs_bitsandbytes
 def test_gpu_check_memory_smoke_runs_real_workers(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "TRITON_INTERPRET": "1"}
     command = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "memory", "--smoke", "--trainer",
