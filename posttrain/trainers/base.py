@@ -5,8 +5,7 @@ A trainer's __init__ runs these steps in TRL's order and keeps only what is its 
 
     args = self.resolve_args(model, args)             # default "<model name>-<SUFFIX>"; TrainingArguments converted
     check_train_dataset(train_dataset, args)
-    set_seed(args.seed)                               # before the model: PEFT initializes adapters randomly
-    model = self.load_model(model, args, quantization_config)
+    model = self.load_model(model, args, quantization_config)  # seeded first
     processing_class = self.load_processing_class(model, processing_class, args)
     model = self.wrap_peft(model, peft_config, args)
     ...                                               # its datasets and collator
@@ -25,7 +24,7 @@ from collections import defaultdict
 from typing import ClassVar
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import is_peft_model, set_seed
 from datasets import Dataset, IterableDataset
 from transformers import (
     AutoModelForCausalLM,
@@ -140,7 +139,9 @@ class PosttrainTrainer(Trainer):
     def load_model(self, model, args, quantization_config=None) -> PreTrainedModel:
         """The model, loaded from a hub id / path with args.model_init_kwargs (and the trainer's quantization_config),
         or the given instance (model_init_kwargs then do nothing, which warns, and a quantization_config is an error:
-        it cannot quantize a model that is already built)."""
+        it cannot quantize a model that is already built). Seeds with args.seed first: a new head (RewardTrainer's
+        score) and, later, PEFT adapters initialize randomly."""
+        set_seed(args.seed)
         self._model_revision = None
         if isinstance(model, str):
             kwargs = {**trainer_model_kwargs(args, quantization_config), **self.model_init_overrides}

@@ -105,7 +105,6 @@ class OnlineTrainer(PosttrainTrainer):
 
     def _load_policy(self, model, args, processing_class, peft_config, quantization_config):
         """The policy (loaded, PEFT-wrapped) and its processing class; sets self.eos_token_ids."""
-        set_seed(args.seed)  # before the model: PEFT initializes adapters randomly
         model = self.load_model(model, args, quantization_config)
         processing_class = self.load_processing_class(model, processing_class, args)
         self.eos_token_ids = self._eos_token_ids(model)

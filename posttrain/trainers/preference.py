@@ -5,7 +5,7 @@ datasets passed later."""
 import contextlib
 
 import torch
-from accelerate.utils import is_peft_model, set_seed
+from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
@@ -39,10 +39,8 @@ class ReferenceTrainer(PosttrainTrainer):
         return self.prepare_dataset(eval_dataset, processing_class, args, "eval")
 
     def load_policy(self, model, ref_model, args, processing_class, peft_config, quantization_config):
-        """The policy (seeded first: PEFT initializes adapters randomly), loaded and PEFT-wrapped, and its
-        processing class. A PEFT policy given without a reference gets a reference adapter: a copy of its adapter as
+        """The policy, loaded and PEFT-wrapped, and its processing class. A PEFT policy given without a reference gets a reference adapter: a copy of its adapter as
         loaded (TRL's "ref" adapter). Returns (model, processing_class)."""
-        set_seed(args.seed)
         loaded = self.load_model(model, args, quantization_config)
         if ref_model is loaded:
             raise ValueError(

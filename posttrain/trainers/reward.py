@@ -12,7 +12,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainingArguments,
-    set_seed,
 )
 
 from posttrain.configs.reward import RewardConfig
@@ -96,7 +95,6 @@ class RewardTrainer(PosttrainTrainer):
     ):
         args = self.resolve_args(model, args)
         check_train_dataset(train_dataset, args)
-        set_seed(args.seed)  # before the model: the new score head and PEFT adapters are initialized randomly
         model = self.load_model(model, args, quantization_config)
         processing_class = self.load_processing_class(model, processing_class, args)
         model = self._setup_model(model, args, peft_config)

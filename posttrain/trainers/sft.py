@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments
 
 from posttrain.configs.sft import SFTConfig
 from posttrain.data.packing import DataCollatorForLanguageModeling
@@ -76,7 +76,6 @@ class SFTTrainer(PosttrainTrainer):
     ):
         args = self.resolve_args(model, args)
         check_train_dataset(train_dataset, args)
-        set_seed(args.seed)  # before the model: PEFT initializes adapters randomly
         model = self.load_model(model, args, quantization_config)
         processing_class = self.load_processing_class(model, processing_class, args)
         sample = first_example(train_dataset, "train")
